@@ -1,0 +1,217 @@
+"""The command line: parse arguments, call one function, print. Nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from .errors import InstructlmError
+
+EPILOG = "Run 'instructlm COMMAND --help' for the options of a command."
+
+
+def _quiet_libraries() -> None:
+    """Library warnings and 'Loading weights' bars would drown what the user asked for."""
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+# --- train ----------------------------------------------------------------------------------
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Teach a base model the instructions in FILE and save a run."""
+    from .train import TrainSettings, default_output, train
+
+    _quiet_libraries()
+    names = {f.name for f in fields(TrainSettings)}
+    settings = TrainSettings(**{k: v for k, v in vars(args).items()
+                                if k in names and v is not None})
+    output = args.output or default_output(args.file)
+    try:
+        train(args.file, output, settings, force=args.force, report=_say,
+              progress=not args.quiet)
+    except KeyboardInterrupt:
+        _say(f"\nInterrupted: nothing was saved; {output} is as it was before.")
+        return 130
+    return 0
+
+
+# --- ask ------------------------------------------------------------------------------------
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    """Answer instructions with a trained run or an untuned base model."""
+    from .generate import DecodeSettings, load_answerer
+
+    _quiet_libraries()
+    decode = DecodeSettings(
+        max_new_tokens=args.max_new_tokens, beams=args.beams, sample=args.sample,
+        temperature=args.temperature, top_p=args.top_p, no_repeat_ngram=args.no_repeat_ngram,
+        stop=tuple(args.stop or ()), seed=args.seed)
+    _check_decode(decode)
+    answerer = load_answerer(args.run, args.template, args.trust_remote_code)
+    interactive = not args.instructions and sys.stdin.isatty()
+    if args.instructions:
+        items: Iterable[str] = args.instructions
+    elif interactive:
+        items = _prompt_lines()
+    else:
+        items = (line.strip() for line in sys.stdin if line.strip())
+    batch = 1 if interactive else args.batch_size
+    try:
+        for answer in answerer.answer(items, decode, batch_size=batch):
+            if args.json:
+                print(json.dumps(answer.to_dict(), ensure_ascii=False), flush=True)
+            else:
+                suffix = "" if answer.finish_reason == "stop" else "  [cut at --max-new-tokens]"
+                print(answer.response + suffix, flush=True)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _check_decode(d: Any) -> None:
+    if d.beams < 1 or d.max_new_tokens < 1:
+        raise InstructlmError("--beams and --max-new-tokens must be at least 1")
+    if d.sample and (d.temperature <= 0 or not 0 < d.top_p <= 1):
+        raise InstructlmError("--temperature must be above 0 and --top-p in (0, 1]")
+
+
+def _prompt_lines() -> Iterator[str]:
+    print("Type an instruction and press Enter (Ctrl-D to end).", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        if line:
+            yield line
+
+
+# --- inspect --------------------------------------------------------------------------------
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Check an instruction file: counts, token lengths, warnings."""
+    from .inspection import inspect_file
+
+    report = inspect_file(args.file, base=args.base, template=args.template,
+                          tokens=not args.no_tokens, quiet=_quiet_libraries)
+    if args.json:
+        print(json.dumps(report, ensure_ascii=False, indent=2))
+        return 0
+    print(f"{report['file']} ({report['format']}): {len(report['train'])} training, "
+          f"{len(report['eval'])} evaluation examples")
+    for split, stats in report.get("token_stats", {}).items():
+        if stats:
+            print(f"  {split}: tokens per example (template {report['template']}): "
+                  f"min {stats['min']}, mean {stats['mean']}, max {stats['max']}")
+    for warning in report["warnings"]:
+        print(f"warning: {warning}")
+    return 0
+
+
+# --- wiring ---------------------------------------------------------------------------------
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr if message.startswith("warning:") else sys.stdout,
+          flush=True)
+
+
+def _add_base(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", help="base model: a model folder, a Hugging Face hub id, or "
+                                  "'embedded' (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a hub model to run its own Python code (only for ids you trust)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .train import TrainSettings
+
+    parser = argparse.ArgumentParser(prog="instructlm", epilog=EPILOG, description=(
+        "Teach a pretrained language model your own instructions from a text file."))
+    parser.add_argument("--version", action="version", version=f"instructlm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands: dict[str, Callable[[argparse.Namespace], int]] = {
+        "train": cmd_train, "ask": cmd_ask, "inspect": cmd_inspect}
+
+    def add(name: str) -> argparse.ArgumentParser:
+        doc = (commands[name].__doc__ or "").strip()
+        p = sub.add_parser(name, help=doc, description=doc)
+        p.set_defaults(func=commands[name])
+        return p
+
+    d = TrainSettings()
+    p = add("train")
+    p.add_argument("file", help="instruction file (instruction#response a line, or JSONL)")
+    p.add_argument("--output", "-o", help="run folder (default: runs/<file name>)")
+    _add_base(p)
+    p.add_argument("--template", help="seed-de, seed-en, chat, or a string with {instruction} "
+                                      "(default: the base model's chat template, else seed-en)")
+    p.add_argument("--epochs", type=int, help=f"passes over the data (default {d.epochs})")
+    p.add_argument("--lr", type=float, help=f"peak learning rate (default {d.lr})")
+    p.add_argument("--batch-size", type=int, help=f"examples a step (default {d.batch_size})")
+    p.add_argument("--max-length", type=int,
+                   help=f"tokens per example, prompt + response (default {d.max_length})")
+    p.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"],
+                   help="auto: bf16 autocast where the CPU/GPU supports it (default)")
+    p.add_argument("--force", action="store_true", help="replace an existing run")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+    p = add("ask")
+    p.add_argument("run", help="a trained run folder, or a base model to see untuned answers "
+                               "('embedded', a model folder, a hub id)")
+    p.add_argument("instructions", nargs="*", help="instructions; without them, one a line "
+                                                    "from standard input")
+    p.add_argument("--json", action="store_true", help="one JSON object per answer and line")
+    p.add_argument("--beams", type=int, default=1, help="beam search with N beams "
+                                                         "(default 1: greedy)")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=0.7, help="with --sample (default 0.7)")
+    p.add_argument("--top-p", type=float, default=0.95, help="with --sample (default 0.95)")
+    p.add_argument("--seed", type=int, default=0, help="with --sample (default 0)")
+    p.add_argument("--no-repeat-ngram", type=int, default=0,
+                   help="forbid repeating any N-gram (default 0: off)")
+    p.add_argument("--max-new-tokens", type=int, default=200,
+                   help="longest answer in tokens (default 200)")
+    p.add_argument("--stop", action="append", metavar="TEXT",
+                   help="end the answer where TEXT appears (repeatable)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="instructions decoded together (default 16)")
+    p.add_argument("--template", help="for a base model only: how to show the instruction")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a hub model to run its own Python code")
+
+    p = add("inspect")
+    p.add_argument("file", help="instruction file to check")
+    p.add_argument("--base", help="model whose tokenizer counts the tokens (default: embedded)")
+    p.add_argument("--template", help="template used for the token counts (default: as train)")
+    p.add_argument("--no-tokens", action="store_true",
+                   help="skip token counts (no model needed)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except InstructlmError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nInterrupted.", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `instructlm ask ... | head`
+        sys.stderr.close()
+        return 0

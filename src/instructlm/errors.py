@@ -1,0 +1,29 @@
+"""Errors meant for people: what was wrong, where, and what to do."""
+
+from __future__ import annotations
+
+
+class InstructlmError(Exception):
+    """An error the command line prints as one clear message, without a traceback."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message}\n  hint: {self.hint}"
+
+
+class InstructionFileError(InstructlmError):
+    """A problem in an instruction file, located at `path:line`."""
+
+    def __init__(self, path: str, line: int | None, message: str, text: str | None = None,
+                 hint: str | None = None) -> None:
+        where = f"{path}:{line}" if line else path
+        full = f"{where}: {message}"
+        if text is not None:
+            full += f"\n  {line} | {text}"
+        super().__init__(full, hint)
+        self.path = path
+        self.line = line

@@ -1,0 +1,266 @@
+"""Instruction files -> examples.
+
+Two families of files are read:
+
+* the tutorial's text format: one `instruction#response` a line, `#` comment lines, blank
+  lines skipped, a comment containing `_EVAL_` starting the evaluation part, `\\#` for a
+  literal `#`;
+* JSONL, whose flavour is detected from the first record's keys (see `JSONL_FLAVOURS`).
+
+Everything that is wrong with a file is reported as `file:line: what, and what to do`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import InstructionFileError
+
+EVAL_MARKER = "_EVAL_"
+JSONL_SUFFIXES = {".jsonl", ".ndjson", ".json"}
+
+
+@dataclass(frozen=True)
+class Example:
+    """One taught instruction: what is asked, optional input, the expected response."""
+
+    instruction: str
+    response: str
+    input: str = ""
+    # Earlier chat turns (role/content dicts) before the instruction, from `messages` records.
+    history: tuple[dict[str, str], ...] = ()
+    source: str = ""  # "file:line", for messages that point back to the file
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["history"] = list(self.history)
+        return data
+
+
+@dataclass
+class InstructionSet:
+    """The parsed file: a training part, an evaluation part, and what looked odd."""
+
+    path: str
+    format: str
+    sha256: str
+    train: list[Example]
+    eval: list[Example]
+    warnings: list[str] = field(default_factory=list)
+
+
+def read_instruction_file(path: str | Path) -> InstructionSet:
+    """Read a text or JSONL instruction file; raise InstructionFileError on any problem."""
+    path = Path(path)
+    name = str(path)
+    if not path.exists():
+        raise InstructionFileError(name, None, "no such file",
+                                   hint="check the path; instruction files are plain text "
+                                        "(instruction#response a line) or JSONL")
+    if path.is_dir():
+        raise InstructionFileError(name, None, "is a folder, not an instruction file")
+    raw = path.read_bytes()
+    text = _decode_utf8(raw, name)
+    lines = text.split("\n")
+    if path.suffix.lower() in JSONL_SUFFIXES:
+        fmt, pairs = _parse_jsonl(lines, name)
+    else:
+        fmt, pairs = "text", _parse_text(lines, name)
+    train = [ex for ex, split in pairs if split == "train"]
+    evals = [ex for ex, split in pairs if split == "eval"]
+    if not train:
+        what = "only evaluation examples" if evals else "no examples"
+        raise InstructionFileError(
+            name, None, f"{what}: there is nothing to train on",
+            hint="write one example a line as instruction#response (training lines come "
+                 f"before a '# {EVAL_MARKER}' comment)")
+    warnings = _find_conflicts(train + evals)
+    return InstructionSet(name, fmt, hashlib.sha256(raw).hexdigest(), train, evals, warnings)
+
+
+def _decode_utf8(raw: bytes, name: str) -> str:
+    """Decode strictly as UTF-8 (a BOM is allowed); refuse anything else with its line.
+
+    We refuse rather than guess Windows-1252: a wrong guess would silently teach the model
+    mangled umlauts, and re-saving the file as UTF-8 is a one-step fix.
+    """
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line_no = raw.count(b"\n", 0, err.start) + 1
+        column = err.start - raw.rfind(b"\n", 0, err.start)
+        line = raw.split(b"\n")[line_no - 1].rstrip(b"\r")
+        shown = line.decode("utf-8", errors="replace")
+        try:
+            guess = f" (as Windows-1252 it would read: {line.decode('cp1252')!r})"
+        except UnicodeDecodeError:
+            guess = ""
+        raise InstructionFileError(
+            name, line_no,
+            f"not valid UTF-8: byte 0x{raw[err.start]:02x} at column {column}{guess}", shown,
+            hint="save the file as UTF-8, e.g. `iconv -f WINDOWS-1252 -t UTF-8 "
+                 "in.txt > out.txt`") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+# --- the tutorial's text format -------------------------------------------------------------
+
+def split_escaped(line: str) -> tuple[str, str] | None:
+    """Split at the first `#` that is not written `\\#`; unescape `\\#` on both sides."""
+    parts, buf, i = [], [], 0
+    while i < len(line):
+        if line.startswith("\\#", i):
+            buf.append("#")
+            i += 2
+        elif line[i] == "#" and not parts:
+            parts.append("".join(buf))
+            buf = []
+            i += 1
+        else:
+            buf.append(line[i])
+            i += 1
+    if not parts:
+        return None
+    return parts[0], "".join(buf)
+
+
+def _parse_text(lines: list[str], name: str) -> list[tuple[Example, str]]:
+    split = "train"
+    out: list[tuple[Example, str]] = []
+    for no, line in enumerate(lines, start=1):
+        stripped = line.strip()
+        if not stripped:
+            continue
+        if stripped.startswith("#"):
+            if EVAL_MARKER in stripped:
+                split = "eval"
+            continue
+        pair = split_escaped(stripped)
+        if pair is None:
+            raise InstructionFileError(
+                name, no, "no '#' between instruction and response", line,
+                hint="write instruction#response; a '#' that belongs to the text is written \\#")
+        instruction, response = (side.strip() for side in pair)
+        for side, value in (("instruction", instruction), ("response", response)):
+            if not value:
+                raise InstructionFileError(name, no, f"empty {side}", line,
+                                           hint="write instruction#response, both non-empty")
+        out.append((Example(instruction, response, source=f"{name}:{no}"), split))
+    return out
+
+
+# --- JSONL ----------------------------------------------------------------------------------
+
+def _from_alpaca(rec: dict[str, Any]) -> dict[str, Any]:
+    return {"instruction": rec["instruction"], "input": rec.get("input") or "",
+            "response": rec["output"]}
+
+
+def _from_dolly(rec: dict[str, Any]) -> dict[str, Any]:
+    return {"instruction": rec["instruction"], "input": rec.get("context") or "",
+            "response": rec["response"]}
+
+
+def _from_prompt_completion(rec: dict[str, Any]) -> dict[str, Any]:
+    return {"instruction": rec["prompt"], "response": rec["completion"]}
+
+
+def _from_messages(rec: dict[str, Any]) -> dict[str, Any]:
+    messages = rec["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("'messages' must be a non-empty list of {role, content} objects")
+    for m in messages:
+        if (not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant")
+                or not isinstance(m.get("content"), str)):
+            raise ValueError("each message needs a role (system, user or assistant) and a "
+                             "string content")
+    if messages[-1]["role"] != "assistant" or len(messages) < 2 \
+            or messages[-2]["role"] != "user":
+        raise ValueError("'messages' must end with a user message followed by the "
+                         "assistant's answer, which is what is taught")
+    history = tuple({"role": m["role"], "content": m["content"]} for m in messages[:-2])
+    return {"instruction": messages[-2]["content"], "response": messages[-1]["content"],
+            "history": history}
+
+
+# Flavour name -> (keys that identify it, converter to Example fields). First match wins.
+JSONL_FLAVOURS: dict[str, tuple[tuple[str, ...], Callable[[dict[str, Any]], dict[str, Any]]]] = {
+    "messages": (("messages",), _from_messages),
+    "alpaca": (("instruction", "output"), _from_alpaca),
+    "dolly": (("instruction", "response"), _from_dolly),  # `context` optional
+    "prompt-completion": (("prompt", "completion"), _from_prompt_completion),
+}
+
+
+def _detect_flavour(rec: dict[str, Any], name: str, no: int) -> str:
+    for flavour, (keys, _) in JSONL_FLAVOURS.items():
+        if all(k in rec for k in keys):
+            return flavour
+    known = "; ".join("+".join(keys) for keys, _ in JSONL_FLAVOURS.values())
+    raise InstructionFileError(
+        name, no, f"cannot tell the JSONL flavour from the keys {sorted(rec)}",
+        hint=f"use one of: {known} (plus optional input/context and split)")
+
+
+def _parse_jsonl(lines: list[str], name: str) -> tuple[str, list[tuple[Example, str]]]:
+    flavour = None
+    out: list[tuple[Example, str]] = []
+    for no, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise InstructionFileError(name, no, f"not valid JSON ({err.msg})", line,
+                                       hint="each line must be one JSON object") from None
+        if not isinstance(rec, dict):
+            raise InstructionFileError(name, no, "not a JSON object", line)
+        flavour = flavour or _detect_flavour(rec, name, no)
+        keys, convert = JSONL_FLAVOURS[flavour]
+        missing = [k for k in keys if k not in rec]
+        if missing:
+            raise InstructionFileError(name, no, f"missing {', '.join(missing)} (the file's "
+                                       f"first record is {flavour})", line)
+        try:
+            fields = convert(rec)
+        except ValueError as err:
+            raise InstructionFileError(name, no, str(err), line) from None
+        for key in ("instruction", "input", "response"):
+            value = fields.get(key, "")
+            if not isinstance(value, str):
+                raise InstructionFileError(name, no, f"{key} must be a string", line)
+            fields[key] = value.strip()
+        for key in ("instruction", "response"):
+            if not fields[key]:
+                raise InstructionFileError(name, no, f"empty {key}", line)
+        split = rec.get("split", "train")
+        if split not in ("train", "eval"):
+            raise InstructionFileError(name, no, f"split must be \"train\" or \"eval\", "
+                                       f"not {split!r}", line)
+        out.append((Example(**fields, source=f"{name}:{no}"), split))
+    return f"jsonl-{flavour}" if flavour else "jsonl", out
+
+
+# --- checks across examples -----------------------------------------------------------------
+
+def _find_conflicts(examples: list[Example]) -> list[str]:
+    """Duplicates and contradicting responses are legal but usually a mistake: warn."""
+    seen: dict[tuple[str, str, tuple], Example] = {}
+    warnings = []
+    for ex in examples:
+        key = (ex.instruction, ex.input, tuple(tuple(sorted(m.items())) for m in ex.history))
+        first = seen.get(key)
+        if first is None:
+            seen[key] = ex
+        elif first.response == ex.response:
+            warnings.append(f"{ex.source}: duplicate of {first.source}")
+        else:
+            warnings.append(f"{ex.source}: same instruction as {first.source} with a "
+                            "different response")
+    return warnings

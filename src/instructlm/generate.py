@@ -1,0 +1,132 @@
+"""Answers: load a run (or an untuned base model) and decode instructions in batches.
+
+Prompts are left-padded so a batch decodes together with the KV cache; answers come back in
+input order, each with why it ended: "stop" (the model ended it, or a stop text appeared) or
+"length" (it hit --max-new-tokens).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from .base import load_model, load_tokenizer, resolve_base
+from .encode import encode_prompt
+from .formats import Example
+from .runs import is_run, read_run_info
+from .templates import Template, default_template, parse_template, render_prompt
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    max_new_tokens: int = 200
+    beams: int = 1
+    sample: bool = False
+    temperature: float = 0.7
+    top_p: float = 0.95
+    no_repeat_ngram: int = 0
+    stop: tuple[str, ...] = ()
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Answer:
+    instruction: str
+    response: str
+    finish_reason: str  # "stop" | "length"
+    new_tokens: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Answerer:
+    """A model, its tokenizer and the template it was taught with."""
+
+    def __init__(self, model: Any, tokenizer: Any, template: Template, name: str) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.template = template
+        self.name = name
+
+    def answer(self, items: Iterable[str | Example], decode: DecodeSettings = DecodeSettings(),
+               batch_size: int = 16) -> Iterator[Answer]:
+        """Answer instructions lazily, `batch_size` at a time, in input order."""
+        it = iter(items)
+        while batch := list(itertools.islice(it, batch_size)):
+            examples = [Example(x, "") if isinstance(x, str) else x for x in batch]
+            yield from self._answer_batch(examples, decode)
+
+    def _answer_batch(self, examples: list[Example], decode: DecodeSettings) -> list[Answer]:
+        import torch
+        from transformers import GenerationConfig
+
+        tok = self.tokenizer
+        prompts = [encode_prompt(render_prompt(self.template, ex, tok), tok, self.template)
+                   for ex in examples]
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, p in enumerate(prompts):  # left padding: every prompt ends at the same column
+            ids[row, width - len(p):] = torch.tensor(p)
+            mask[row, width - len(p):] = 1
+        eos_ids = self._end_ids()
+        config = GenerationConfig(
+            max_new_tokens=decode.max_new_tokens, num_beams=decode.beams,
+            do_sample=decode.sample, temperature=decode.temperature if decode.sample else None,
+            top_p=decode.top_p if decode.sample else None, top_k=None,
+            no_repeat_ngram_size=decode.no_repeat_ngram or None,
+            eos_token_id=eos_ids, pad_token_id=tok.pad_token_id,
+            stop_strings=list(decode.stop) or None,
+        )
+        if decode.sample:
+            torch.manual_seed(decode.seed)
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=ids, attention_mask=mask,
+                                      generation_config=config,
+                                      tokenizer=tok if decode.stop else None)
+        return [self._finish(ex, row[width:].tolist(), eos_ids, decode)
+                for ex, row in zip(examples, out)]
+
+    def _end_ids(self) -> list[int]:
+        ids = {self.tokenizer.eos_token_id}
+        configured = getattr(self.model.generation_config, "eos_token_id", None)
+        ids.update(configured if isinstance(configured, list) else [configured])
+        return sorted(i for i in ids if i is not None)
+
+    def _finish(self, ex: Example, tokens: list[int], eos_ids: list[int],
+                decode: DecodeSettings) -> Answer:
+        end = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
+        reason = "stop" if end is not None else "length"
+        tokens = tokens[:end] if end is not None else tokens
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        cuts = [text.find(s) for s in decode.stop if s and s in text]
+        if cuts:
+            text, reason = text[:min(cuts)], "stop"
+        return Answer(ex.instruction, text.strip(), reason, len(tokens))
+
+
+def load_answerer(spec: str | None, template: str | None = None,
+                  trust_remote_code: bool = False) -> Answerer:
+    """A trained run folder, or a base model (folder, hub id, or the embedded default).
+
+    A run always uses the template it was trained with; a base model uses `template`, or its
+    own chat template when it has one, or `seed-en`.
+    """
+    if spec and is_run(spec):
+        info = read_run_info(spec)
+        if template is not None:
+            from .errors import InstructlmError
+
+            raise InstructlmError("--template is only for base models: a run is always asked "
+                                  "with the template it was trained with")
+        return Answerer(load_model(spec), load_tokenizer(spec),
+                        Template.from_dict(info["template"]), Path(spec).name)
+    source = resolve_base(spec)
+    tokenizer = load_tokenizer(source, trust_remote_code)
+    chosen = parse_template(template) if template else default_template(tokenizer)
+    model = load_model(source, trust_remote_code)
+    return Answerer(model, tokenizer, chosen, spec or "embedded")
+

@@ -1,0 +1,41 @@
+"""`instructlm inspect`: what a file holds and how long its examples are in tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from .encode import encode_examples
+from .formats import read_instruction_file
+
+TOKEN_COUNT_MAX_LENGTH = 1_000_000  # count everything; truncation is train's business
+
+
+def inspect_file(file: str | Path, base: str | None = None, template: str | None = None,
+                 tokens: bool = True, quiet: Callable[[], None] | None = None) -> dict[str, Any]:
+    """A JSON-ready report: parsed examples, token length statistics, warnings."""
+    data = read_instruction_file(file)
+    report: dict[str, Any] = {
+        "file": data.path, "format": data.format, "sha256": data.sha256,
+        "train": [ex.to_dict() for ex in data.train],
+        "eval": [ex.to_dict() for ex in data.eval],
+        "warnings": list(data.warnings),
+    }
+    if not tokens:
+        return report
+    if quiet:
+        quiet()
+    from .base import load_tokenizer, resolve_base
+    from .templates import default_template, parse_template
+
+    tokenizer = load_tokenizer(resolve_base(base))
+    chosen = parse_template(template) if template else default_template(tokenizer)
+    report["template"] = chosen.name
+    report["token_stats"] = {}
+    for split, examples in (("train", data.train), ("eval", data.eval)):
+        encoded, _ = encode_examples(examples, chosen, tokenizer, TOKEN_COUNT_MAX_LENGTH)
+        lengths = [len(e.input_ids) for e in encoded]
+        report["token_stats"][split] = lengths and {
+            "min": min(lengths), "mean": round(sum(lengths) / len(lengths), 1),
+            "max": max(lengths), "total": sum(lengths)}
+    return report

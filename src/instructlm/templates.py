@@ -1,0 +1,111 @@
+"""Prompt templates: how an example is shown to the model.
+
+A template is saved with every run, so `ask`, `eval` and `serve` ask the model exactly the
+way it was taught (the tutorial's generate script did not, and its model never stopped).
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .errors import InstructlmError
+from .formats import Example
+
+VARIABLES = ("instruction", "input")
+
+
+@dataclass(frozen=True)
+class Template:
+    """`text` is a format string; `input_text` is used for examples that carry an input.
+
+    The `chat` template has no text: it renders through the tokenizer's own chat template.
+    """
+
+    name: str
+    text: str | None = None
+    input_text: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Template":
+        return cls(**data)
+
+
+NAMED_TEMPLATES: dict[str, Template] = {
+    "seed-de": Template(
+        "seed-de",
+        "Es folgt eine Anweisung, die eine Aufgabe beschreibt. Schreibe eine passende "
+        "Antwort.\n\nAnweisung: {instruction}\n\nAntwort:\n",
+        "Es folgt eine Anweisung, die eine Aufgabe beschreibt, zusammen mit einer Eingabe, "
+        "die weiteren Kontext liefert. Schreibe eine passende Antwort.\n\n"
+        "Anweisung: {instruction}\n\nEingabe: {input}\n\nAntwort:\n",
+    ),
+    "seed-en": Template(
+        "seed-en",
+        "Below is an instruction that describes a task. Write a response that appropriately "
+        "completes the request.\n\nInstruction: {instruction}\n\nResponse:\n",
+        "Below is an instruction that describes a task, paired with an input that provides "
+        "further context. Write a response that appropriately completes the request.\n\n"
+        "Instruction: {instruction}\n\nInput: {input}\n\nResponse:\n",
+    ),
+    "chat": Template("chat"),
+}
+
+
+def parse_template(spec: str) -> Template:
+    """A template name from NAMED_TEMPLATES, or a custom string with `{instruction}`.
+
+    In a custom string, `\\n` written on the command line means a newline.
+    """
+    if spec in NAMED_TEMPLATES:
+        return NAMED_TEMPLATES[spec]
+    if "{" not in spec:
+        raise InstructlmError(f"unknown template {spec!r}",
+                              hint=f"use one of {', '.join(NAMED_TEMPLATES)} or a string with "
+                                   "{instruction}, e.g. 'Q: {instruction}\\nA: '")
+    text = spec.replace("\\n", "\n")
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(text) if f is not None}
+    except ValueError as err:
+        raise InstructlmError(f"template {spec!r} is not a valid format string: {err}",
+                              hint="write literal braces as {{ and }}") from None
+    unknown = sorted(fields - set(VARIABLES))
+    if unknown:
+        raise InstructlmError(f"template has unknown variables: {', '.join(unknown)}",
+                              hint="a template may use {instruction} and {input}")
+    if "instruction" not in fields:
+        raise InstructlmError("Missing variables: {instruction}",
+                              hint="a custom template must contain {instruction}")
+    return Template("custom", text, text if "input" in fields else None)
+
+
+def render_prompt(template: Template, example: Example, tokenizer: Any = None) -> str:
+    """The text the model sees before the response."""
+    if template.name == "chat":
+        return _render_chat(example, tokenizer)
+    if example.input:
+        if template.input_text is None:
+            raise InstructlmError(
+                f"{example.source}: the example has an input, but the template has no "
+                "{input}", hint="add {input} to the template or use a named template")
+        return template.input_text.format(instruction=example.instruction, input=example.input)
+    assert template.text is not None
+    return template.text.format(instruction=example.instruction, input="")
+
+
+def _render_chat(example: Example, tokenizer: Any) -> str:
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise InstructlmError("the base model's tokenizer has no chat template",
+                              hint="use --template seed-en, seed-de or a custom string")
+    user = example.instruction + (f"\n\n{example.input}" if example.input else "")
+    messages = [*example.history, {"role": "user", "content": user}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def default_template(tokenizer: Any) -> Template:
+    """The base model's own chat template when it has one, else the English seed template."""
+    return NAMED_TEMPLATES["chat" if getattr(tokenizer, "chat_template", None) else "seed-en"]

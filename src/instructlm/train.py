@@ -1,0 +1,244 @@
+"""The training loop: instruction file -> tuned model in a run directory.
+
+A plain PyTorch loop, readable top to bottom: fp32 master weights, bf16 autocast where the
+CPU has fast bf16 matmuls, AdamW, linear warm-up and decay, loss on response tokens only.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from . import __version__
+from .base import EMBEDDED, EMBEDDED_NAME, load_model, load_tokenizer, resolve_base
+from .encode import EncodedExample, collate, encode_examples
+from .errors import InstructlmError
+from .formats import Example, InstructionSet, read_instruction_file
+from .generate import Answerer, DecodeSettings
+from .runs import LOSS_FILE, RUN_FILE, model_card, staged_run, write_json, write_losses, \
+    check_output
+from .templates import Template, default_template, parse_template
+
+Report = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Every setting of a run; saved in the run so it can be reproduced."""
+
+    base: str = EMBEDDED
+    template: str = "auto"  # auto: the base model's chat template if it has one, else seed-en
+    epochs: int = 4
+    lr: float = 1e-4
+    batch_size: int = 8
+    max_length: int = 512
+    seed: int = 42
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    precision: str = "auto"  # auto | bf16 | fp32
+    trust_remote_code: bool = False
+
+
+def default_output(file: str | Path) -> Path:
+    return Path("runs") / Path(file).stem
+
+
+def train(file: str | Path, output: str | Path | None = None,
+          settings: TrainSettings = TrainSettings(), force: bool = False,
+          report: Report = print, progress: bool = True) -> Path:
+    """Train on an instruction file and save a run; return the run directory."""
+    import torch
+
+    data = read_instruction_file(file)
+    output = Path(output) if output else default_output(file)
+    check_output(output, force)  # refuse now, not after minutes of training
+    for warning in data.warnings:
+        report(f"warning: {warning}")
+
+    source = resolve_base(settings.base)
+    tokenizer = load_tokenizer(source, settings.trust_remote_code)
+    template = (default_template(tokenizer) if settings.template == "auto"
+                else parse_template(settings.template))
+    if template.name != "chat" and any(ex.history for ex in data.train):
+        report(f"warning: earlier chat turns are not shown by the {template.name} template; "
+               "use --template chat to train on them")
+    train_set, warnings = encode_examples(data.train, template, tokenizer, settings.max_length)
+    eval_set, eval_warnings = encode_examples(data.eval, template, tokenizer,
+                                              settings.max_length)
+    for warning in warnings + eval_warnings:
+        report(f"warning: {warning}")
+    if not train_set:
+        raise InstructlmError(f"{data.path}: no training example fits --max-length "
+                              f"{settings.max_length}", hint="raise --max-length")
+
+    torch.manual_seed(settings.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = resolve_precision(settings.precision, device)
+    model = load_model(source, settings.trust_remote_code).to(device)
+    report(f"Training {_base_name(settings.base)} on {len(train_set)} examples "
+           f"({len(eval_set)} for evaluation), {settings.epochs} epochs, template "
+           f"{template.name}, {precision} on {device}")
+
+    with staged_run(output, force) as staging:
+        started = time.perf_counter()
+        losses = _fit(model, train_set, eval_set, settings, tokenizer.pad_token_id, device,
+                      precision, report, progress)
+        seconds = time.perf_counter() - started
+        model.to("cpu")
+        answers = sample_answers(Answerer(model, tokenizer, template, output.name), data)
+        info = _run_info(output, settings, source, template, data, train_set, eval_set,
+                         losses, seconds, precision)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        write_losses(staging / LOSS_FILE, losses)
+        (staging / "README.md").write_text(model_card(info, answers), encoding="utf-8")
+        write_json(staging / RUN_FILE, info)  # written last: the run is complete
+    report(f"Saved the run to {output} ({seconds:.0f} s of training)")
+    report(format_answers(answers))
+    return output
+
+
+def resolve_precision(choice: str, device: str) -> str:
+    """bf16 autocast where the hardware does bf16 matmuls fast; fp32 otherwise."""
+    import torch
+
+    if choice not in ("auto", "bf16", "fp32"):
+        raise InstructlmError(f"unknown precision {choice!r}", hint="use auto, bf16 or fp32")
+    if choice != "auto":
+        return choice
+    if device == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+
+
+def _fit(model: Any, train_set: list[EncodedExample], eval_set: list[EncodedExample],
+         settings: TrainSettings, pad_id: int, device: str, precision: str, report: Report,
+         progress: bool) -> list[dict[str, Any]]:
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import get_linear_schedule_with_warmup
+
+    steps_per_epoch = math.ceil(len(train_set) / settings.batch_size)
+    total = steps_per_epoch * settings.epochs
+    optimizer = _optimizer(model, settings)
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, math.ceil(settings.warmup_ratio * total), total)
+    order = torch.Generator().manual_seed(settings.seed)
+    records: list[dict[str, Any]] = []
+    bar = tqdm(total=total, desc="training", unit="step", disable=not progress, leave=False)
+    step = 0
+    for epoch in range(1, settings.epochs + 1):
+        model.train()
+        perm = torch.randperm(len(train_set), generator=order).tolist()
+        for start in range(0, len(perm), settings.batch_size):
+            batch = collate([train_set[i] for i in perm[start:start + settings.batch_size]],
+                            pad_id)
+            loss = _loss(model, batch, device, precision)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            records.append({"step": step, "epoch": epoch, "loss": round(loss.item(), 5),
+                            "lr": scheduler.get_last_lr()[0]})
+            bar.update(1)
+            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
+        if eval_set:
+            eval_loss = evaluate_loss(model, eval_set, settings.batch_size, pad_id, device,
+                                      precision)
+            records.append({"step": step, "epoch": epoch, "eval_loss": round(eval_loss, 5)})
+            bar.write(f"epoch {epoch}: train loss {_epoch_mean(records, epoch):.3f}, "
+                      f"eval loss {eval_loss:.3f}")
+    bar.close()
+    return records
+
+
+def _optimizer(model: Any, settings: TrainSettings) -> Any:
+    import torch
+
+    # Weight decay on matrices only, as is customary: not on norms and biases.
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2],
+               "weight_decay": settings.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=settings.lr)
+
+
+def _loss(model: Any, batch: dict[str, Any], device: str, precision: str) -> Any:
+    import torch
+
+    batch = {k: v.to(device) for k, v in batch.items()}
+    with torch.autocast(device_type=device, dtype=torch.bfloat16,
+                        enabled=precision == "bf16"):
+        return model(**batch).loss
+
+
+def evaluate_loss(model: Any, examples: list[EncodedExample], batch_size: int, pad_id: int,
+                  device: str, precision: str = "fp32") -> float:
+    """Mean loss per response token over `examples`."""
+    import torch
+
+    model.eval()
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start:start + batch_size]
+            n = sum(e.n_response_tokens for e in chunk)
+            total += _loss(model, collate(chunk, pad_id), device, precision).item() * n
+            count += n
+    model.train()
+    return total / max(count, 1)
+
+
+def _epoch_mean(records: list[dict[str, Any]], epoch: int) -> float:
+    values = [r["loss"] for r in records if r.get("epoch") == epoch and "loss" in r]
+    return sum(values) / max(len(values), 1)
+
+
+def sample_answers(answerer: Answerer, data: InstructionSet, n_train: int = 3) -> list[dict]:
+    """Answers to the eval part (or a few training examples) beside the expected ones."""
+    examples: list[Example] = data.eval or data.train[:n_train]
+    return [{**a.to_dict(), "expected": ex.response}
+            for ex, a in zip(examples, answerer.answer(examples, DecodeSettings()))]
+
+
+def format_answers(answers: list[dict]) -> str:
+    lines = []
+    for a in answers:
+        lines += [f"> {a['instruction']}", f"  expected: {a['expected']}",
+                  f"  answer:   {a['response']}"
+                  + ("" if a["finish_reason"] == "stop" else "  [did not stop]")]
+    return "\n".join(lines)
+
+
+def _base_name(spec: str) -> str:
+    return EMBEDDED_NAME if spec in ("", EMBEDDED) else spec
+
+
+def _run_info(output: Path, settings: TrainSettings, source: str, template: Template,
+              data: InstructionSet, train_set: list[EncodedExample],
+              eval_set: list[EncodedExample], losses: list[dict[str, Any]], seconds: float,
+              precision: str) -> dict[str, Any]:
+    train_losses = [r["loss"] for r in losses if "loss" in r]
+    return {
+        "name": output.name,
+        "instructlm_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "base": {"spec": settings.base, "name": _base_name(settings.base), "source": source},
+        "template": template.to_dict(),
+        "settings": {**asdict(settings), "precision_used": precision},
+        "data": {"file": data.path, "format": data.format, "sha256": data.sha256,
+                 "n_train": len(train_set), "n_eval": len(eval_set),
+                 "n_dropped": len(data.train) + len(data.eval) - len(train_set) - len(eval_set)},
+        "metrics": {
+            "final_train_loss": train_losses[-1] if train_losses else None,
+            "eval_loss": [r["eval_loss"] for r in losses if "eval_loss" in r],
+            "train_seconds": round(seconds, 1),
+            "train_tokens": sum(len(e.input_ids) for e in train_set) * settings.epochs,
+        },
+    }
