@@ -133,7 +133,8 @@ def _add_base(p: argparse.ArgumentParser) -> None:
                    help="allow a hub model to run its own Python code (only for ids you trust)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser and one parser per command."""
     from . import __version__
     from .train import TrainSettings
 
@@ -144,9 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands: dict[str, Callable[[argparse.Namespace], int]] = {
         "train": cmd_train, "ask": cmd_ask, "inspect": cmd_inspect}
 
+    parsers: dict[str, argparse.ArgumentParser] = {}
+
     def add(name: str) -> argparse.ArgumentParser:
         doc = (commands[name].__doc__ or "").strip()
-        p = sub.add_parser(name, help=doc, description=doc)
+        p = parsers[name] = sub.add_parser(name, help=doc, description=doc)
         p.set_defaults(func=commands[name])
         return p
 
@@ -199,11 +202,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tokens", action="store_true",
                    help="skip token counts (no model needed)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    return parser
+    return parser, parsers
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser, commands = build_parser()
+    if argv and argv[0] in commands:
+        # Intermixed: options may come after instructions (`ask RUN "..." --json`).
+        return commands[argv[0]].parse_intermixed_args(argv[1:])
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
     except InstructlmError as err:

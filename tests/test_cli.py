@@ -1,0 +1,133 @@
+"""The command line end to end on the tiny model, as a user would type it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from instructlm.cli import main
+
+FILE = "Say hello.#Hello!\nName three fruits.#Apple, banana, cherry\n# _EVAL_\nSay hello.#Hello!\n"
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, tiny_base) -> Path:
+    folder = tmp_path_factory.mktemp("cli")
+    data = folder / "greet.txt"
+    data.write_text(FILE, encoding="utf-8")
+    out = folder / "runs" / "greet"
+    code = main(["train", str(data), "--base", str(tiny_base), "--output", str(out),
+                 "--template", "seed-en", "--epochs", "60", "--lr", "3e-3", "--batch-size", "2",
+                 "--quiet"])
+    assert code == 0
+    return out
+
+
+
+def test_ask_arguments_plain_and_json(cli_run, capsys):
+    assert main(["ask", str(cli_run), "Say hello.", "Name three fruits."]) == 0
+    assert capsys.readouterr().out.splitlines() == ["Hello!", "Apple, banana, cherry"]
+    assert main(["ask", str(cli_run), "--json", "Say hello."]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert rec == {"instruction": "Say hello.", "response": "Hello!", "finish_reason": "stop",
+                   "new_tokens": rec["new_tokens"]} and rec["new_tokens"] > 0
+
+
+def test_ask_reads_stdin_one_instruction_a_line(cli_run, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Say hello.\n\nName three fruits.\n"))
+    assert main(["ask", str(cli_run), "--json", "--beams", "2"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x["response"] for x in lines] == ["Hello!", "Apple, banana, cherry"]
+    assert all(x["finish_reason"] == "stop" for x in lines)
+
+
+def test_ask_a_base_model_directly(tiny_base, capsys):
+    assert main(["ask", str(tiny_base), "--json", "--max-new-tokens", "3", "Hi"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["instruction"] == "Hi" and rec["new_tokens"] <= 3
+
+
+def test_run_refuses_template_override(cli_run, capsys):
+    assert main(["ask", str(cli_run), "--template", "seed-de", "x"]) == 2
+    assert "only for base models" in capsys.readouterr().err
+
+
+def test_train_output_and_existing_run(cli_run, tiny_base, capsys):
+    data = cli_run.parent.parent / "greet.txt"
+    code = main(["train", str(data), "--base", str(tiny_base), "--output", str(cli_run), "-q"])
+    assert code == 2
+    assert "already holds a trained run" in capsys.readouterr().err
+
+
+def test_inspect_json(tmp_path, tiny_base, capsys):
+    f = tmp_path / "d.txt"
+    f.write_text("a#b\na#c\n# _EVAL_\nx \\# y#z\n", encoding="utf-8")
+    assert main(["inspect", str(f), "--base", str(tiny_base), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [e["instruction"] for e in report["train"]] == ["a", "a"]
+    assert report["eval"][0]["instruction"] == "x # y"
+    assert report["train"][0]["source"].endswith("d.txt:1")
+    assert len(report["warnings"]) == 1
+    stats = report["token_stats"]["train"]
+    assert 0 < stats["min"] <= stats["mean"] <= stats["max"]
+
+
+def test_inspect_text(tmp_path, capsys):
+    f = tmp_path / "d.txt"
+    f.write_text("a#b\n", encoding="utf-8")
+    assert main(["inspect", str(f), "--no-tokens"]) == 0
+    assert "1 training, 0 evaluation examples" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"a#b\nno separator\n", "bad.txt:2: no '#' between instruction and response"),
+    (b"a#\n", "bad.txt:1: empty response"),
+    (b"# nothing\n", "no examples"),
+    ("Köln#Dom\n".encode("cp1252"), "bad.txt:1: not valid UTF-8"),
+])
+def test_bad_files_give_one_clear_error(tmp_path, content, words):
+    f = tmp_path / "bad.txt"
+    f.write_bytes(content)
+    proc = subprocess.run([sys.executable, "-m", "instructlm", "train", str(f)],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert words in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_file_and_bad_base(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "instructlm", "train", "nope.txt"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and "nope.txt: no such file" in proc.stderr
+    f = tmp_path / "a.txt"
+    f.write_text("a#b\n")
+    proc = subprocess.run([sys.executable, "-m", "instructlm", "train", str(f), "--base",
+                           "./no-such-model"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and "no such model folder" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_unreachable_hub_id_is_one_line(tmp_path):
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "instructlm", "ask", "someone/some-model", "hi"],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 2
+    assert "cannot load 'someone/some-model'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["ask"], ["inspect"]])
+def test_every_command_has_help(command):
+    proc = subprocess.run([sys.executable, "-m", "instructlm", *command, "--help"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and "usage: instructlm" in proc.stdout
+    if not command:
+        for name in ("train", "ask", "inspect"):
+            assert name in proc.stdout

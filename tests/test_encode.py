@@ -1,0 +1,55 @@
+"""Token ids and labels: only the response and the end token carry loss."""
+
+from __future__ import annotations
+
+from instructlm.encode import IGNORE_INDEX, collate, encode_example, encode_examples, \
+    encode_prompt
+from instructlm.formats import Example
+from instructlm.templates import parse_template, render_prompt
+
+
+def test_labels_mask_prompt_and_end_with_eos(tiny_tokenizer):
+    tok = tiny_tokenizer
+    t = parse_template("seed-en")
+    ex = Example("Name three fruits.", "Apple, banana, cherry")
+    enc = encode_example(ex, t, tok, max_length=512)
+    prompt_ids = encode_prompt(render_prompt(t, ex), tok, t)
+    response_ids = tok(ex.response, add_special_tokens=False)["input_ids"]
+    assert enc.input_ids == prompt_ids + response_ids + [tok.eos_token_id]
+    assert enc.labels == [IGNORE_INDEX] * len(prompt_ids) + response_ids + [tok.eos_token_id]
+    assert tok.decode([i for i in enc.labels if i != IGNORE_INDEX]) == ex.response + "<eos>"
+    assert not enc.truncated
+
+
+def test_chat_prompt_is_encoded_as_rendered(tiny_tokenizer):
+    t = parse_template("chat")
+    ex = Example("Hi", "Hello")
+    enc = encode_example(ex, t, tiny_tokenizer, 512)
+    text = tiny_tokenizer.decode(enc.input_ids)
+    assert text == "<|user|>Hi<|end|>\n<|assistant|>Hello<eos>"
+
+
+def test_truncation_cuts_response_and_drops_prompt_only(tiny_tokenizer):
+    t = parse_template("Q {instruction} A")
+    ex = Example("x", "a long long long response")
+    n_prompt = len(encode_prompt(render_prompt(t, ex), tiny_tokenizer, t))
+    cut = encode_example(ex, t, tiny_tokenizer, max_length=n_prompt + 2)
+    assert cut.truncated and len(cut.input_ids) == n_prompt + 2 and cut.n_response_tokens == 2
+    assert encode_example(ex, t, tiny_tokenizer, max_length=n_prompt) is None
+    kept, warnings = encode_examples([Example("x", "y", source="f:1")], t, tiny_tokenizer,
+                                     n_prompt)
+    assert kept == [] and warnings == ["f:1: dropped, the prompt alone is longer than "
+                                       f"--max-length {n_prompt} tokens"]
+
+
+def test_collate_right_pads_with_masked_labels(tiny_tokenizer):
+    t = parse_template("seed-en")
+    a = encode_example(Example("a", "b"), t, tiny_tokenizer, 512)
+    b = encode_example(Example("a longer instruction here", "b c d"), t, tiny_tokenizer, 512)
+    batch = collate([a, b], pad_id=tiny_tokenizer.pad_token_id)
+    n = len(a.input_ids)
+    assert batch["input_ids"].shape == (2, len(b.input_ids))
+    assert batch["attention_mask"][0].tolist() == [1] * n + [0] * (len(b.input_ids) - n)
+    assert batch["labels"][0, n:].eq(IGNORE_INDEX).all()
+    assert batch["input_ids"][0, n:].eq(tiny_tokenizer.pad_token_id).all()
+    assert batch["labels"][1].tolist() == b.labels

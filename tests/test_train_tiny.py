@@ -1,0 +1,134 @@
+"""Train, save, load and ask on a tiny random model: the whole data path, in seconds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from instructlm.errors import InstructlmError
+from instructlm.generate import DecodeSettings, load_answerer
+from instructlm.runs import RUN_FILE
+from instructlm.train import TrainSettings, train
+
+TINY_FILE = """\
+# three short facts the tiny model can memorise
+Say hello.#Hello!
+Name three fruits.#Apple, banana, cherry
+Tell me a spell.#Hocus Pocus!
+# _EVAL_
+Name three fruits.#Apple, banana, cherry
+"""
+RUN_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+             "tokenizer_config.json", "chat_template.jinja", RUN_FILE, "losses.jsonl",
+             "README.md"}
+
+
+def tiny_settings(base: Path, **changes) -> TrainSettings:
+    values = dict(base=str(base), template="seed-en", epochs=60, lr=3e-3, batch_size=3,
+                  warmup_ratio=0.05, seed=0)
+    values.update(changes)
+    return TrainSettings(**values)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_base) -> Path:
+    folder = tmp_path_factory.mktemp("runs")
+    data = folder / "facts.txt"
+    data.write_text(TINY_FILE, encoding="utf-8")
+    return train(data, folder / "facts", tiny_settings(tiny_base), report=lambda m: None,
+                 progress=False)
+
+
+def test_run_directory_holds_exactly_the_contract(tiny_run):
+    assert {p.name for p in tiny_run.iterdir()} == RUN_FILES
+    info = json.loads((tiny_run / RUN_FILE).read_text())
+    assert info["template"]["name"] == "seed-en"
+    assert info["settings"]["epochs"] == 60 and info["settings"]["lr"] == 3e-3
+    assert info["data"]["n_train"] == 3 and info["data"]["n_eval"] == 1
+    assert len(info["data"]["sha256"]) == 64
+    losses = [json.loads(line) for line in (tiny_run / "losses.jsonl").read_text().splitlines()]
+    steps = [r for r in losses if "loss" in r]
+    assert len(steps) == 60 and steps[-1]["loss"] < steps[0]["loss"] / 5
+    assert sum("eval_loss" in r for r in losses) == 60
+    assert "instructlm ask" in (tiny_run / "README.md").read_text()
+    assert not list(tiny_run.parent.glob(".facts.*"))  # no staging folder left behind
+
+
+def test_trained_run_answers_what_it_learned_and_stops(tiny_run):
+    answerer = load_answerer(str(tiny_run))
+    answers = list(answerer.answer(["Name three fruits.", "Say hello.", "Tell me a spell."]))
+    assert [a.response for a in answers] == ["Apple, banana, cherry", "Hello!", "Hocus Pocus!"]
+    assert all(a.finish_reason == "stop" for a in answers)
+    assert all(0 < a.new_tokens < 20 for a in answers)
+
+
+def test_batched_answers_equal_one_at_a_time(tiny_run):
+    answerer = load_answerer(str(tiny_run))
+    items = ["Say hello.", "Name three fruits and more words to pad.", "Tell me a spell."]
+    batched = list(answerer.answer(items, batch_size=3))
+    single = [next(answerer.answer([x], batch_size=1)) for x in items]
+    assert batched == single
+
+
+def test_max_new_tokens_and_stop_text_give_finish_reasons(tiny_run):
+    answerer = load_answerer(str(tiny_run))
+    cut = next(answerer.answer(["Name three fruits."], DecodeSettings(max_new_tokens=2)))
+    assert cut.finish_reason == "length" and cut.new_tokens == 2
+    stopped = next(answerer.answer(["Name three fruits."], DecodeSettings(stop=(",",))))
+    assert stopped.response == "Apple" and stopped.finish_reason == "stop"
+    beams = next(answerer.answer(["Name three fruits."], DecodeSettings(beams=3)))
+    assert beams.response == "Apple, banana, cherry"
+
+
+def test_existing_run_is_kept_without_force(tiny_run, tiny_base):
+    before = (tiny_run / RUN_FILE).read_bytes()
+    with pytest.raises(InstructlmError, match="already holds a trained run"):
+        train(tiny_run.parent / "facts.txt", tiny_run, tiny_settings(tiny_base),
+              report=lambda m: None, progress=False)
+    assert (tiny_run / RUN_FILE).read_bytes() == before
+
+
+def test_interrupted_training_leaves_earlier_run_untouched(tiny_run, tiny_base, monkeypatch):
+    import instructlm.train as train_module
+
+    before = {p.name: p.read_bytes() for p in tiny_run.iterdir() if p.name != "model.safetensors"}
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train_module, "_loss", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_run.parent / "facts.txt", tiny_run, tiny_settings(tiny_base), force=True,
+              report=lambda m: None, progress=False)
+    assert {p.name: p.read_bytes() for p in tiny_run.iterdir()
+            if p.name != "model.safetensors"} == before
+    assert not list(tiny_run.parent.glob(".facts.*"))
+
+
+def test_force_replaces_a_run_and_refuses_foreign_folders(tmp_path, tiny_base):
+    data = tmp_path / "f.txt"
+    data.write_text("a#b\n", encoding="utf-8")
+    settings = tiny_settings(tiny_base, epochs=1)
+    out = train(data, tmp_path / "run", settings, report=lambda m: None, progress=False)
+    first = json.loads((out / RUN_FILE).read_text())["created"]
+    train(data, out, settings, force=True, report=lambda m: None, progress=False)
+    assert (out / RUN_FILE).exists() and json.loads((out / RUN_FILE).read_text())["created"] >= first
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "cat.jpg").write_bytes(b"meow")
+    with pytest.raises(InstructlmError, match="not a run; not touching it"):
+        train(data, foreign, settings, force=True, report=lambda m: None, progress=False)
+    assert (foreign / "cat.jpg").read_bytes() == b"meow"
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_both_precisions_learn(tmp_path, tiny_base, precision):
+    data = tmp_path / "f.txt"
+    data.write_text(TINY_FILE, encoding="utf-8")
+    out = train(data, tmp_path / "run", tiny_settings(tiny_base, epochs=40, precision=precision),
+                report=lambda m: None, progress=False)
+    losses = [json.loads(x) for x in (out / "losses.jsonl").read_text().splitlines()]
+    steps = [r["loss"] for r in losses if "loss" in r]
+    assert steps[-1] < steps[0] / 3
+    assert json.loads((out / RUN_FILE).read_text())["settings"]["precision_used"] == precision
