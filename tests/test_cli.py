@@ -131,3 +131,25 @@ def test_every_command_has_help(command):
     if not command:
         for name in ("train", "ask", "inspect"):
             assert name in proc.stdout
+
+
+def test_ctrl_c_stops_training_and_says_nothing_was_saved(tmp_path, tiny_base):
+    import signal
+    import time
+
+    f = tmp_path / "a.txt"
+    f.write_text("a#b\nc#d\n", encoding="utf-8")
+    proc = subprocess.Popen([sys.executable, "-m", "instructlm", "train", str(f), "--base",
+                             str(tiny_base), "--epochs", "100000", "--template", "seed-en"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=tmp_path)
+    first = proc.stdout.readline()  # "Training ..." is printed once the loop starts
+    assert first.startswith("Training"), first + proc.stderr.read()
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "Interrupted: nothing was saved" in out
+    assert "Traceback" not in err
+    assert not (tmp_path / "runs" / "a").exists()
+    assert not list((tmp_path / "runs").glob(".a.*"))  # staging folder removed

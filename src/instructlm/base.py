@@ -23,6 +23,15 @@ EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 CACHE_ENV = "INSTRUCTLM_CACHE"
 
 
+def quiet_libraries() -> None:
+    """Library warnings and 'Loading weights' bars would drown what the user asked for."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
 def cache_dir() -> Path:
     """$INSTRUCTLM_CACHE, else $XDG_CACHE_HOME/instructlm, else ~/.cache/instructlm."""
     if os.environ.get(CACHE_ENV):

@@ -9,20 +9,10 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from .base import quiet_libraries
 from .errors import InstructlmError
 
 EPILOG = "Run 'instructlm COMMAND --help' for the options of a command."
-
-
-def _quiet_libraries() -> None:
-    """Library warnings and 'Loading weights' bars would drown what the user asked for."""
-    import os
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
 
 
 # --- train ----------------------------------------------------------------------------------
@@ -31,7 +21,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Teach a base model the instructions in FILE and save a run."""
     from .train import TrainSettings, default_output, train
 
-    _quiet_libraries()
+    quiet_libraries()
     names = {f.name for f in fields(TrainSettings)}
     settings = TrainSettings(**{k: v for k, v in vars(args).items()
                                 if k in names and v is not None})
@@ -51,7 +41,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     """Answer instructions with a trained run or an untuned base model."""
     from .generate import DecodeSettings, load_answerer
 
-    _quiet_libraries()
+    quiet_libraries()
     decode = DecodeSettings(
         max_new_tokens=args.max_new_tokens, beams=args.beams, sample=args.sample,
         temperature=args.temperature, top_p=args.top_p, no_repeat_ngram=args.no_repeat_ngram,
@@ -103,8 +93,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     """Check an instruction file: counts, token lengths, warnings."""
     from .inspection import inspect_file
 
+    quiet_libraries()
     report = inspect_file(args.file, base=args.base, template=args.template,
-                          tokens=not args.no_tokens, quiet=_quiet_libraries)
+                          tokens=not args.no_tokens)
     if args.json:
         print(json.dumps(report, ensure_ascii=False, indent=2))
         return 0

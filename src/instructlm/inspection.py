@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .encode import encode_examples
 from .formats import read_instruction_file
@@ -12,7 +12,7 @@ TOKEN_COUNT_MAX_LENGTH = 1_000_000  # count everything; truncation is train's bu
 
 
 def inspect_file(file: str | Path, base: str | None = None, template: str | None = None,
-                 tokens: bool = True, quiet: Callable[[], None] | None = None) -> dict[str, Any]:
+                 tokens: bool = True) -> dict[str, Any]:
     """A JSON-ready report: parsed examples, token length statistics, warnings."""
     data = read_instruction_file(file)
     report: dict[str, Any] = {
@@ -23,8 +23,6 @@ def inspect_file(file: str | Path, base: str | None = None, template: str | None
     }
     if not tokens:
         return report
-    if quiet:
-        quiet()
     from .base import load_tokenizer, resolve_base
     from .templates import default_template, parse_template
 
