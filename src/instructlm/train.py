@@ -19,8 +19,8 @@ from .encode import EncodedExample, collate, encode_examples
 from .errors import InstructlmError
 from .formats import Example, InstructionSet, read_instruction_file
 from .generate import Answerer, DecodeSettings
-from .runs import LOSS_FILE, RUN_FILE, model_card, staged_run, write_json, write_losses, \
-    check_output
+from .runs import (LOSS_FILE, RUN_FILE, check_output, model_card, staged_run, write_json,
+                   write_losses)
 from .templates import Template, default_template, parse_template
 
 Report = Callable[[str], None]
