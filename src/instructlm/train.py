@@ -146,8 +146,8 @@ def _fit(model: Any, train_set: list[EncodedExample], eval_set: list[EncodedExam
             step += 1
             records.append({"step": step, "epoch": epoch, "loss": round(loss.item(), 5),
                             "lr": scheduler.get_last_lr()[0]})
+            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}", refresh=False)
             bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
         if eval_set:
             eval_loss = evaluate_loss(model, eval_set, settings.batch_size, pad_id, device,
                                       precision)
