@@ -102,6 +102,18 @@ def test_bad_files_give_one_clear_error(tmp_path, content, words):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("flag, value, words", [
+    ("--epochs", "0", "--epochs must be at least 1"),
+    ("--lr", "-1", "--lr must be above 0"),
+    ("--batch-size", "0", "--batch-size must be at least 1"),
+])
+def test_bad_settings_are_refused(tmp_path, capsys, flag, value, words):
+    f = tmp_path / "a.txt"
+    f.write_text("a#b\n", encoding="utf-8")
+    assert main(["train", str(f), flag, value]) == 2
+    assert words in capsys.readouterr().err
+
+
 def test_missing_file_and_bad_base(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "instructlm", "train", "nope.txt"],
                           capture_output=True, text=True, cwd=tmp_path)

@@ -42,6 +42,19 @@ class TrainSettings:
     precision: str = "auto"  # auto | bf16 | fp32
     trust_remote_code: bool = False
 
+    def check(self) -> None:
+        """Refuse settings that cannot train, before anything is loaded."""
+        problems = [f"--{name.replace('_', '-')} must be {rule}" for name, ok, rule in (
+            ("epochs", self.epochs >= 1, "at least 1"),
+            ("lr", self.lr > 0, "above 0"),
+            ("batch_size", self.batch_size >= 1, "at least 1"),
+            ("max_length", self.max_length >= 2, "at least 2"),
+            ("warmup_ratio", 0 <= self.warmup_ratio < 1, "in [0, 1)"),
+            ("weight_decay", self.weight_decay >= 0, "0 or more"),
+        ) if not ok]
+        if problems:
+            raise InstructlmError("; ".join(problems))
+
 
 def default_output(file: str | Path) -> Path:
     return Path("runs") / Path(file).stem
@@ -53,6 +66,7 @@ def train(file: str | Path, output: str | Path | None = None,
     """Train on an instruction file and save a run; return the run directory."""
     import torch
 
+    settings.check()
     data = read_instruction_file(file)
     output = Path(output) if output else default_output(file)
     check_output(output, force)  # refuse now, not after minutes of training
