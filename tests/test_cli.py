@@ -165,3 +165,15 @@ def test_ctrl_c_stops_training_and_says_nothing_was_saved(tmp_path, tiny_base):
     assert "Traceback" not in err
     assert not (tmp_path / "runs" / "a").exists()
     assert not list((tmp_path / "runs").glob(".a.*"))  # staging folder removed
+
+
+def test_bad_decoding_and_incomplete_model_folder(tmp_path, capsys):
+    assert main(["ask", "embedded", "--beams", "0", "x"]) == 2
+    assert "--beams and --max-new-tokens must be at least 1" in capsys.readouterr().err
+    folder = tmp_path / "half-model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    proc = subprocess.run([sys.executable, "-m", "instructlm", "ask", str(folder), "x"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and f"cannot load {folder}" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -119,7 +119,12 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 def load_pretrained(loader: Any, source: str, **kwargs: Any) -> Any:
     """`loader.from_pretrained`, trying the local cache first and failing in one clear line."""
     if Path(source).is_dir():
-        return loader.from_pretrained(source, **kwargs)
+        try:
+            return loader.from_pretrained(source, **kwargs)
+        except (OSError, ValueError) as err:  # e.g. a folder without tokenizer files
+            raise InstructlmError(f"cannot load {source}: {_first_line(err)}",
+                                  hint="a model folder needs config.json, weights and "
+                                       "tokenizer files") from None
     try:  # already downloaded: no network needed
         return loader.from_pretrained(source, local_files_only=True, **kwargs)
     except OSError:
@@ -132,9 +137,13 @@ def load_pretrained(loader: Any, source: str, **kwargs: Any) -> Any:
     try:
         return loader.from_pretrained(source, **kwargs)
     except OSError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InstructlmError(f"cannot load {source!r} from the Hugging Face hub: {first}",
-                              hint="check the model id") from None
+        raise InstructlmError(f"cannot load {source!r} from the Hugging Face hub: "
+                              f"{_first_line(err)}", hint="check the model id") from None
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def load_tokenizer(source: str, trust_remote_code: bool = False) -> Any:

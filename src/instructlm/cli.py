@@ -46,7 +46,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, beams=args.beams, sample=args.sample,
         temperature=args.temperature, top_p=args.top_p, no_repeat_ngram=args.no_repeat_ngram,
         stop=tuple(args.stop or ()), seed=args.seed)
-    _check_decode(decode)
+    decode.check()
     answerer = load_answerer(args.run, args.template, args.trust_remote_code)
     interactive = not args.instructions and sys.stdin.isatty()
     if args.instructions:
@@ -66,13 +66,6 @@ def cmd_ask(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
-
-
-def _check_decode(d: Any) -> None:
-    if d.beams < 1 or d.max_new_tokens < 1:
-        raise InstructlmError("--beams and --max-new-tokens must be at least 1")
-    if d.sample and (d.temperature <= 0 or not 0 < d.top_p <= 1):
-        raise InstructlmError("--temperature must be above 0 and --top-p in (0, 1]")
 
 
 def _prompt_lines() -> Iterator[str]:

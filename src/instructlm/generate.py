@@ -14,6 +14,7 @@ from typing import Any, Iterable, Iterator
 
 from .base import load_model, load_tokenizer, resolve_base
 from .encode import encode_prompt
+from .errors import InstructlmError
 from .formats import Example
 from .runs import is_run, read_run_info
 from .templates import Template, default_template, parse_template, render_prompt
@@ -29,6 +30,13 @@ class DecodeSettings:
     no_repeat_ngram: int = 0
     stop: tuple[str, ...] = ()
     seed: int = 0
+
+    def check(self) -> None:
+        """Refuse settings that cannot decode, before the model is loaded."""
+        if self.beams < 1 or self.max_new_tokens < 1:
+            raise InstructlmError("--beams and --max-new-tokens must be at least 1")
+        if self.sample and (self.temperature <= 0 or not 0 < self.top_p <= 1):
+            raise InstructlmError("--temperature must be above 0 and --top-p in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -118,8 +126,6 @@ def load_answerer(spec: str | None, template: str | None = None,
     if spec and is_run(spec):
         info = read_run_info(spec)
         if template is not None:
-            from .errors import InstructlmError
-
             raise InstructlmError("--template is only for base models: a run is always asked "
                                   "with the template it was trained with")
         return Answerer(load_model(spec), load_tokenizer(spec),

@@ -200,6 +200,7 @@ def evaluate_loss(model: Any, examples: list[EncodedExample], batch_size: int, p
     """Mean loss per response token over `examples`."""
     import torch
 
+    was_training = model.training
     model.eval()
     total, count = 0.0, 0
     with torch.inference_mode():
@@ -208,7 +209,7 @@ def evaluate_loss(model: Any, examples: list[EncodedExample], batch_size: int, p
             n = sum(e.n_response_tokens for e in chunk)
             total += _loss(model, collate(chunk, pad_id), device, precision).item() * n
             count += n
-    model.train()
+    model.train(was_training)
     return total / max(count, 1)
 
 
