@@ -110,8 +110,12 @@ def test_force_replaces_a_run_and_refuses_foreign_folders(tmp_path, tiny_base):
     data = tmp_path / "f.txt"
     data.write_text("a#b\n", encoding="utf-8")
     settings = tiny_settings(tiny_base, epochs=1)
+    killed = tmp_path / ".run.partial-999999999"  # left by a run killed with SIGKILL
+    killed.mkdir()
+    (killed / "model.safetensors").write_bytes(b"half")
     out = train(data, tmp_path / "run", settings, report=lambda m: None, progress=False)
     first = json.loads((out / RUN_FILE).read_text())["created"]
+    assert not killed.exists()
     train(data, out, settings, force=True, report=lambda m: None, progress=False)
     assert (out / RUN_FILE).exists() and json.loads((out / RUN_FILE).read_text())["created"] >= first
     foreign = tmp_path / "photos"

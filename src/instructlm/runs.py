@@ -51,6 +51,7 @@ def staged_run(output: Path, force: bool) -> Iterator[Path]:
     """Yield a hidden staging folder; on clean exit, move it atomically to `output`."""
     check_output(output, force)
     output.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_staging(output)
     staging = output.with_name(f".{output.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
@@ -64,6 +65,24 @@ def staged_run(output: Path, force: bool) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _remove_dead_staging(output: Path) -> None:
+    """Staging folders of runs that were killed outright (no chance to clean up)."""
+    for stale in output.parent.glob(f".{output.name}.partial-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, but someone else's
+        return True
+    return True
 
 
 def write_json(path: Path, data: Any) -> None:
