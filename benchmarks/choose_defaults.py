@@ -10,6 +10,7 @@ stop on their own. Takes a few minutes.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -44,8 +45,6 @@ def main() -> None:
             run = train(EXAMPLE, Path(tmp) / f"lr{lr}", TrainSettings(lr=lr),
                         report=lambda m: None, progress=False)
             seconds = time.perf_counter() - started
-            import json
-
             eval_loss = json.loads((run / "instructlm.json").read_text())["metrics"]["eval_loss"]
             answerer = load_answerer(str(run))
             for name in args.decodes.split(","):

@@ -70,7 +70,6 @@ def embedded_model_dir() -> Path:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The weights are dequantised to float32 by now: drop the GGUF marker so they save.
-    model.config.quantization_config = None
     del model.config.quantization_config
     model.hf_quantizer = None
     model.config._name_or_path = EMBEDDED_NAME

@@ -51,6 +51,7 @@ class TrainSettings:
             ("max_length", self.max_length >= 2, "at least 2"),
             ("warmup_ratio", 0 <= self.warmup_ratio < 1, "in [0, 1)"),
             ("weight_decay", self.weight_decay >= 0, "0 or more"),
+            ("precision", self.precision in ("auto", "bf16", "fp32"), "auto, bf16 or fp32"),
         ) if not ok]
         if problems:
             raise InstructlmError("; ".join(problems))
@@ -120,8 +121,6 @@ def resolve_precision(choice: str, device: str) -> str:
     """bf16 autocast where the hardware does bf16 matmuls fast; fp32 otherwise."""
     import torch
 
-    if choice not in ("auto", "bf16", "fp32"):
-        raise InstructlmError(f"unknown precision {choice!r}", hint="use auto, bf16 or fp32")
     if choice != "auto":
         return choice
     if device == "cuda":
@@ -158,9 +157,10 @@ def _fit(model: Any, train_set: list[EncodedExample], eval_set: list[EncodedExam
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            records.append({"step": step, "epoch": epoch, "loss": round(loss.item(), 5),
+            value = loss.item()
+            records.append({"step": step, "epoch": epoch, "loss": round(value, 5),
                             "lr": scheduler.get_last_lr()[0]})
-            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}", refresh=False)
+            bar.set_postfix(epoch=epoch, loss=f"{value:.3f}", refresh=False)
             bar.update(1)
         if eval_set:
             eval_loss = evaluate_loss(model, eval_set, settings.batch_size, pad_id, device,
@@ -168,7 +168,10 @@ def _fit(model: Any, train_set: list[EncodedExample], eval_set: list[EncodedExam
             records.append({"step": step, "epoch": epoch, "eval_loss": round(eval_loss, 5)})
             message = (f"epoch {epoch}: train loss {_epoch_mean(records, epoch):.3f}, "
                        f"eval loss {eval_loss:.3f}")
-            bar.write(message) if progress else report(message)
+            if progress:
+                bar.write(message)  # keeps the progress bar intact
+            else:
+                report(message)
     bar.close()
     return records
 
