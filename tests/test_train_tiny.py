@@ -22,7 +22,7 @@ Name three fruits.#Apple, banana, cherry
 """
 RUN_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
              "tokenizer_config.json", "chat_template.jinja", RUN_FILE, "losses.jsonl",
-             "README.md"}
+             "data.jsonl", "README.md"}
 
 
 def tiny_settings(base: Path, **changes) -> TrainSettings:
@@ -53,6 +53,9 @@ def test_run_directory_holds_exactly_the_contract(tiny_run):
     assert len(steps) == 60 and steps[-1]["loss"] < steps[0]["loss"] / 5
     assert sum("eval_loss" in r for r in losses) == 60
     assert "instructlm ask" in (tiny_run / "README.md").read_text()
+    # The closing answers are scored: the tiny model memorised its one eval example.
+    assert info["metrics"]["answer_scores"]["exact"] == 1.0
+    assert info["metrics"]["answer_scores"]["format"] == 1.0
     assert not list(tiny_run.parent.glob(".facts.*"))  # no staging folder left behind
 
 
@@ -97,7 +100,7 @@ def test_interrupted_training_leaves_earlier_run_untouched(tiny_run, tiny_base, 
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(train_module, "_loss", interrupt)
+    monkeypatch.setattr(train_module, "batch_loss", interrupt)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_run.parent / "facts.txt", tiny_run, tiny_settings(tiny_base), force=True,
               report=lambda m: None, progress=False)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -22,6 +23,21 @@ from .errors import InstructionFileError
 
 EVAL_MARKER = "_EVAL_"
 JSONL_SUFFIXES = {".jsonl", ".ndjson", ".json"}
+
+
+@dataclass(frozen=True)
+class Check:
+    """An explicit test of an answer, from a JSONL record's `check` field.
+
+    `"check": "REGEX"` or `{"regex": "REGEX"}`: the whole answer must match the expression.
+    `{"list": N}`: the answer must be a JSON or Python list of N items.
+    """
+
+    kind: str  # "regex" | "list"
+    value: str | int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {self.kind: self.value}
 
 
 @dataclass(frozen=True)
@@ -34,11 +50,19 @@ class Example:
     # Earlier chat turns (role/content dicts) before the instruction, from `messages` records.
     history: tuple[dict[str, str], ...] = ()
     source: str = ""  # "file:line", for messages that point back to the file
+    check: Check | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["history"] = list(self.history)
+        data["check"] = self.check.to_dict() if self.check else None
         return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Example":
+        check = parse_check(data["check"]) if data.get("check") is not None else None
+        return cls(data["instruction"], data["response"], data.get("input", ""),
+                   tuple(data.get("history", ())), data.get("source", ""), check)
 
 
 @dataclass
@@ -53,8 +77,11 @@ class InstructionSet:
     warnings: list[str] = field(default_factory=list)
 
 
-def read_instruction_file(path: str | Path) -> InstructionSet:
-    """Read a text or JSONL instruction file; raise InstructionFileError on any problem."""
+def read_instruction_file(path: str | Path, need_train: bool = True) -> InstructionSet:
+    """Read a text or JSONL instruction file; raise InstructionFileError on any problem.
+
+    `need_train=False` accepts a file of evaluation examples only (for `eval RUN FILE`).
+    """
     path = Path(path)
     name = str(path)
     if not path.exists():
@@ -72,10 +99,12 @@ def read_instruction_file(path: str | Path) -> InstructionSet:
         fmt, pairs = "text", _parse_text(lines, name)
     train = [ex for ex, split in pairs if split == "train"]
     evals = [ex for ex, split in pairs if split == "eval"]
-    if not train:
-        what = "only evaluation examples" if evals else "no examples"
+    if not evals and not train:
+        raise InstructionFileError(name, None, "no examples",
+                                   hint="write one example a line as instruction#response")
+    if not train and need_train:
         raise InstructionFileError(
-            name, None, f"{what}: there is nothing to train on",
+            name, None, "only evaluation examples: there is nothing to train on",
             hint="write one example a line as instruction#response (training lines come "
                  f"before a '# {EVAL_MARKER}' comment)")
     warnings = _find_conflicts(train + evals)
@@ -243,8 +272,40 @@ def _parse_jsonl(lines: list[str], name: str) -> tuple[str, list[tuple[Example, 
         if split not in ("train", "eval"):
             raise InstructionFileError(name, no, f"split must be \"train\" or \"eval\", "
                                        f"not {split!r}", line)
-        out.append((Example(**fields, source=f"{name}:{no}"), split))
+        try:
+            check = parse_check(rec["check"]) if rec.get("check") is not None else None
+        except ValueError as err:
+            raise InstructionFileError(name, no, f"check: {err}", line,
+                                       hint=CHECK_HINT) from None
+        out.append((Example(**fields, source=f"{name}:{no}", check=check), split))
     return f"jsonl-{flavour}" if flavour else "jsonl", out
+
+
+CHECK_HINT = ('write "check": "REGEX" (the whole answer must match) or {"list": N} (a JSON '
+              'or Python list of N items)')
+
+
+def parse_check(value: Any) -> Check:
+    """A `check` field -> Check; ValueError says what is wrong with it."""
+    if isinstance(value, str):
+        value = {"regex": value}
+    if not isinstance(value, dict) or len(value) != 1:
+        raise ValueError("must be a regular expression or an object with one key, "
+                         "regex or list")
+    (kind, arg), = value.items()
+    if kind == "regex":
+        if not isinstance(arg, str):
+            raise ValueError("regex must be a string")
+        try:
+            re.compile(arg)
+        except re.error as err:
+            raise ValueError(f"not a valid regular expression ({err})") from None
+        return Check("regex", arg)
+    if kind == "list":
+        if not isinstance(arg, int) or isinstance(arg, bool) or arg < 0:
+            raise ValueError("list must be a whole number of items, 0 or more")
+        return Check("list", arg)
+    raise ValueError(f"unknown kind {kind!r}: use regex or list")
 
 
 # --- checks across examples -----------------------------------------------------------------

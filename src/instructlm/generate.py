@@ -12,12 +12,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .base import load_model, load_tokenizer, resolve_base
+from .base import EMBEDDED, load_model, load_tokenizer, resolve_base
 from .encode import encode_prompt
 from .errors import InstructlmError
 from .formats import Example
 from .runs import is_run, read_run_info
-from .templates import Template, default_template, parse_template, render_prompt
+from .templates import Template, choose_template, render_prompt
 
 
 @dataclass(frozen=True)
@@ -116,12 +116,12 @@ class Answerer:
         return Answer(ex.instruction, text.strip(), reason, len(tokens))
 
 
-def load_answerer(spec: str | None, template: str | None = None,
+def load_answerer(spec: str | None, template: str | Template | None = None,
                   trust_remote_code: bool = False) -> Answerer:
     """A trained run folder, or a base model (folder, hub id, or the embedded default).
 
-    A run always uses the template it was trained with; a base model uses `template`, or its
-    own chat template when it has one, or `seed-en`.
+    A run always uses the template it was trained with; a base model uses `template` (a name,
+    a custom string, or a run's Template), or its own chat template, or `seed-en`.
     """
     if spec and is_run(spec):
         info = read_run_info(spec)
@@ -132,7 +132,7 @@ def load_answerer(spec: str | None, template: str | None = None,
                         Template.from_dict(info["template"]), Path(spec).name)
     source = resolve_base(spec)
     tokenizer = load_tokenizer(source, trust_remote_code)
-    chosen = parse_template(template) if template else default_template(tokenizer)
+    chosen = template if isinstance(template, Template) else choose_template(template, tokenizer)
     model = load_model(source, trust_remote_code)
-    return Answerer(model, tokenizer, chosen, spec or "embedded")
+    return Answerer(model, tokenizer, chosen, spec or EMBEDDED)
 

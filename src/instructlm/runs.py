@@ -4,6 +4,7 @@
       model.safetensors, config.json, generation_config.json   the tuned weights
       tokenizer.json, tokenizer_config.json, ...                its tokenizer
       instructlm.json   template, settings, base, data file + SHA-256, metrics
+      data.jsonl        the examples it was taught and is evaluated on (split: train/eval)
       losses.jsonl      the training loss per step, eval loss per epoch
       README.md         a model card
 
@@ -22,9 +23,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import InstructlmError
+from .formats import Example, InstructionSet, read_instruction_file
+from .scores import describe_summary
 
 RUN_FILE = "instructlm.json"
 LOSS_FILE = "losses.jsonl"
+DATA_FILE = "data.jsonl"
 
 
 def is_run(path: str | Path) -> bool:
@@ -95,6 +99,33 @@ def write_losses(path: Path, records: list[dict[str, Any]]) -> None:
             f.write(json.dumps(rec) + "\n")
 
 
+def write_examples(path: Path, data: InstructionSet) -> None:
+    """The run's own copy of its examples, so `eval RUN` works wherever the file went."""
+    with open(path, "w", encoding="utf-8") as f:
+        for split, examples in (("train", data.train), ("eval", data.eval)):
+            for ex in examples:
+                f.write(json.dumps({**ex.to_dict(), "split": split}, ensure_ascii=False) + "\n")
+
+
+def read_run_examples(run: str | Path) -> tuple[list[Example], list[Example]]:
+    """The training and evaluation examples a run was taught with."""
+    path = Path(run) / DATA_FILE
+    if path.is_file():
+        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
+                   if line.strip()]
+        return ([Example.from_dict(r) for r in records if r["split"] == "train"],
+                [Example.from_dict(r) for r in records if r["split"] == "eval"])
+    # Runs from before data.jsonl: the original file, if it is still the same.
+    data = read_run_info(run)["data"]
+    original = Path(data["file"])
+    if original.is_file():
+        parsed = read_instruction_file(original)
+        if parsed.sha256 == data["sha256"]:
+            return parsed.train, parsed.eval
+    raise InstructlmError(f"{run} holds no copy of its examples and {original} has changed "
+                          "or is gone", hint="pass the instruction file to evaluate on")
+
+
 def read_run_info(run: str | Path) -> dict[str, Any]:
     path = Path(run) / RUN_FILE
     try:
@@ -107,7 +138,10 @@ def read_run_info(run: str | Path) -> dict[str, Any]:
 
 
 def model_card(info: dict[str, Any], answers: list[dict[str, Any]]) -> str:
-    """A short README for the run: what it is, how it was made, how to ask it."""
+    """A short README for the run: what it is, how it was made, how to ask it.
+
+    `answers` are scored rows (instruction, expected, answer) from the end of training.
+    """
     s, d, m = info["settings"], info["data"], info["metrics"]
     lines = [
         f"# {info['name']}",
@@ -129,11 +163,13 @@ def model_card(info: dict[str, Any], answers: list[dict[str, Any]]) -> str:
         f"- eval loss per epoch: {m.get('eval_loss')}",
         f"- training time: {m.get('train_seconds')} s",
     ]
+    if m.get("answer_scores"):
+        lines += [f"- answers at the end: {describe_summary(m['answer_scores'])}"]
     if answers:
         lines += ["", "## Sample answers", "", "| instruction | expected | answer |",
                   "|---|---|---|"]
         for a in answers:
-            cells = [a["instruction"], a.get("expected", ""), a["response"]]
+            cells = [a["instruction"], a["expected"], a["answer"]]
             lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ")
                                             for c in cells) + " |")
     return "\n".join(lines) + "\n"

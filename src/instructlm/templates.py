@@ -109,3 +109,8 @@ def _render_chat(example: Example, tokenizer: Any) -> str:
 def default_template(tokenizer: Any) -> Template:
     """The base model's own chat template when it has one, else the English seed template."""
     return NAMED_TEMPLATES["chat" if getattr(tokenizer, "chat_template", None) else "seed-en"]
+
+
+def choose_template(spec: str | None, tokenizer: Any) -> Template:
+    """`spec` parsed, or the default for this tokenizer when it is None or "auto"."""
+    return default_template(tokenizer) if spec in (None, "auto") else parse_template(spec)

@@ -15,13 +15,17 @@ from typing import Any, Callable
 
 from . import __version__
 from .base import EMBEDDED, EMBEDDED_NAME, load_model, load_tokenizer, resolve_base
+from .devices import PRECISIONS, pick_device, resolve_precision
 from .encode import EncodedExample, collate, encode_examples
 from .errors import InstructlmError
-from .formats import Example, InstructionSet, read_instruction_file
-from .generate import Answerer, DecodeSettings
-from .runs import (LOSS_FILE, RUN_FILE, check_output, model_card, staged_run, write_json,
-                   write_losses)
-from .templates import Template, default_template, parse_template
+from .evaluate import EvalResult, EvalSet, evaluate
+from .formats import InstructionSet, read_instruction_file
+from .generate import Answerer
+from .loss import batch_loss, mean_loss
+from .runs import (DATA_FILE, LOSS_FILE, RUN_FILE, check_output, model_card, staged_run,
+                   write_examples, write_json, write_losses)
+from .scores import describe_summary
+from .templates import Template, choose_template
 
 Report = Callable[[str], None]
 
@@ -51,7 +55,7 @@ class TrainSettings:
             ("max_length", self.max_length >= 2, "at least 2"),
             ("warmup_ratio", 0 <= self.warmup_ratio < 1, "in [0, 1)"),
             ("weight_decay", self.weight_decay >= 0, "0 or more"),
-            ("precision", self.precision in ("auto", "bf16", "fp32"), "auto, bf16 or fp32"),
+            ("precision", self.precision in PRECISIONS, " or ".join(PRECISIONS)),
         ) if not ok]
         if problems:
             raise InstructlmError("; ".join(problems))
@@ -76,8 +80,7 @@ def train(file: str | Path, output: str | Path | None = None,
 
     source = resolve_base(settings.base)
     tokenizer = load_tokenizer(source, settings.trust_remote_code)
-    template = (default_template(tokenizer) if settings.template == "auto"
-                else parse_template(settings.template))
+    template = choose_template(settings.template, tokenizer)
     if template.name != "chat" and any(ex.history for ex in data.train):
         report(f"warning: earlier chat turns are not shown by the {template.name} template; "
                "use --template chat to train on them")
@@ -91,7 +94,7 @@ def train(file: str | Path, output: str | Path | None = None,
                               f"{settings.max_length}", hint="raise --max-length")
 
     torch.manual_seed(settings.seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = pick_device()
     precision = resolve_precision(settings.precision, device)
     model = load_model(source, settings.trust_remote_code).to(device)
     report(f"Training {_base_name(settings.base)} on {len(train_set)} examples "
@@ -100,35 +103,28 @@ def train(file: str | Path, output: str | Path | None = None,
 
     with staged_run(output, force) as staging:
         started = time.perf_counter()
-        losses = _fit(model, train_set, eval_set, settings, tokenizer.pad_token_id, device,
+        losses = fit(model, train_set, eval_set, settings, tokenizer.pad_token_id, device,
                       precision, report, progress)
         seconds = time.perf_counter() - started
         model.to("cpu")
-        answers = sample_answers(Answerer(model, tokenizer, template, output.name), data)
+        closing = closing_answers(Answerer(model, tokenizer, template, output.name), data)
         info = _run_info(output, settings, source, template, data, train_set, eval_set,
                          losses, seconds, precision)
+        info["metrics"]["answer_scores"] = closing.summary
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         write_losses(staging / LOSS_FILE, losses)
-        (staging / "README.md").write_text(model_card(info, answers), encoding="utf-8")
+        write_examples(staging / DATA_FILE, data)
+        (staging / "README.md").write_text(model_card(info, closing.rows), encoding="utf-8")
         write_json(staging / RUN_FILE, info)  # written last: the run is complete
     report(f"Saved the run to {output} ({seconds:.0f} s of training)")
-    report(format_answers(answers))
+    report(format_answers(closing.rows))
+    which = "Held-out" if data.eval else "Training"
+    report(f"{which} answers: {describe_summary(closing.summary)}")
     return output
 
 
-def resolve_precision(choice: str, device: str) -> str:
-    """bf16 autocast where the hardware does bf16 matmuls fast; fp32 otherwise."""
-    import torch
-
-    if choice != "auto":
-        return choice
-    if device == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
-
-
-def _fit(model: Any, train_set: list[EncodedExample], eval_set: list[EncodedExample],
+def fit(model: Any, train_set: list[EncodedExample], eval_set: list[EncodedExample],
          settings: TrainSettings, pad_id: int, device: str, precision: str, report: Report,
          progress: bool) -> list[dict[str, Any]]:
     import torch
@@ -150,7 +146,7 @@ def _fit(model: Any, train_set: list[EncodedExample], eval_set: list[EncodedExam
         for start in range(0, len(perm), settings.batch_size):
             batch = collate([train_set[i] for i in perm[start:start + settings.batch_size]],
                             pad_id)
-            loss = _loss(model, batch, device, precision)
+            loss = batch_loss(model, batch, device, precision)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -163,8 +159,8 @@ def _fit(model: Any, train_set: list[EncodedExample], eval_set: list[EncodedExam
             bar.set_postfix(epoch=epoch, loss=f"{value:.3f}", refresh=False)
             bar.update(1)
         if eval_set:
-            eval_loss = evaluate_loss(model, eval_set, settings.batch_size, pad_id, device,
-                                      precision)
+            eval_loss = mean_loss(model, eval_set, settings.batch_size, pad_id, device,
+                                  precision)
             records.append({"step": step, "epoch": epoch, "eval_loss": round(eval_loss, 5)})
             message = (f"epoch {epoch}: train loss {_epoch_mean(records, epoch):.3f}, "
                        f"eval loss {eval_loss:.3f}")
@@ -189,51 +185,25 @@ def _optimizer(model: Any, settings: TrainSettings) -> Any:
     return torch.optim.AdamW(groups, lr=settings.lr, fused=True)
 
 
-def _loss(model: Any, batch: dict[str, Any], device: str, precision: str) -> Any:
-    import torch
-
-    batch = {k: v.to(device) for k, v in batch.items()}
-    with torch.autocast(device_type=device, dtype=torch.bfloat16,
-                        enabled=precision == "bf16"):
-        return model(**batch).loss
-
-
-def evaluate_loss(model: Any, examples: list[EncodedExample], batch_size: int, pad_id: int,
-                  device: str, precision: str = "fp32") -> float:
-    """Mean loss per response token over `examples`."""
-    import torch
-
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    with torch.inference_mode():
-        for start in range(0, len(examples), batch_size):
-            chunk = examples[start:start + batch_size]
-            n = sum(e.n_response_tokens for e in chunk)
-            total += _loss(model, collate(chunk, pad_id), device, precision).item() * n
-            count += n
-    model.train(was_training)
-    return total / max(count, 1)
-
-
 def _epoch_mean(records: list[dict[str, Any]], epoch: int) -> float:
     values = [r["loss"] for r in records if r.get("epoch") == epoch and "loss" in r]
     return sum(values) / max(len(values), 1)
 
 
-def sample_answers(answerer: Answerer, data: InstructionSet, n_train: int = 3) -> list[dict]:
-    """Answers to the eval part (or a few training examples) beside the expected ones."""
-    examples: list[Example] = data.eval or data.train[:n_train]
-    return [{**a.to_dict(), "expected": ex.response}
-            for ex, a in zip(examples, answerer.answer(examples, DecodeSettings()))]
+def closing_answers(answerer: Answerer, data: InstructionSet, n_train: int = 3) -> EvalResult:
+    """Scored answers to the eval part (or a few training examples): did the model learn?"""
+    examples = data.eval or data.train[:n_train]
+    return evaluate(answerer, EvalSet(data.path, examples, data.train + data.eval),
+                    with_loss=False)
 
 
-def format_answers(answers: list[dict]) -> str:
+def format_answers(rows: list[dict[str, Any]]) -> str:
     lines = []
-    for a in answers:
-        lines += [f"> {a['instruction']}", f"  expected: {a['expected']}",
-                  f"  answer:   {a['response']}"
-                  + ("" if a["finish_reason"] == "stop" else "  [did not stop]")]
+    for row in rows:
+        marks = [text for bad, text in ((not row["format"], "other format"),
+                                        (not row["stopped"], "did not stop")) if bad]
+        lines += [f"> {row['instruction']}", f"  expected: {row['expected']}",
+                  f"  answer:   {row['answer']}" + (f"  [{', '.join(marks)}]" if marks else "")]
     return "\n".join(lines)
 
 

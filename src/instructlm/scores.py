@@ -1,0 +1,217 @@
+"""Scores of one answer against the expected one: exact, format match, chrF, stop, check.
+
+The format match asks "does the answer have the expected answer's shape, whatever the
+content words?". The rule, in three parts:
+
+* **Literals.** If the expected answer is a JSON or Python container (a list, tuple, set or
+  dict), the answer must parse to one of the same kind with the same number of items, the
+  same item types and the same dict keys: `['Oak', 'Birch', 'Pine']` matches
+  `["Ash", "Elm", "Yew"]` and not `['Oak', 'Birch']`.
+* **Skeleton.** Otherwise both texts become a skeleton: punctuation and numbers are kept as
+  they are, whitespace and case are ignored, and each run of words becomes one slot. The
+  skeletons must be equal, slot by slot, where two slots agree when their word counts are
+  close (within 2 words, or within half of the longer one): "Ginger" and "sea salt" fill the
+  same slot; "Mars" and "Mars is the fourth planet" do not.
+* **Fixed words.** Words that (nearly) every answer of a family repeats are part of the shape,
+  not content: "Hocus", "Esotericus", "Alohomora" in the spells. They are learned from the
+  data's examples: answers with the same skeleton form a family, and a word found in at least
+  75% of a family of three or more is fixed, unless it was taken from the instruction (in
+  "Make a command from 'to water the plants'", "the" is content copied from the instruction).
+  Fixed words must appear in the answer where the expected answer has them, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable
+
+from .formats import Check, Example
+
+# A run of letters, a run of digits, or one other visible character.
+_TOKEN = re.compile(r"[^\W\d_]+|\d+|[^\w\s]|_")
+_FAMILY_MIN = 3         # a family needs this many distinct answers to have fixed words
+_FIXED_SHARE = 0.75     # ... and a fixed word must be in this share of them
+_NOT_A_LITERAL = object()
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A run of content words in a skeleton."""
+
+    words: int
+
+    def fits(self, other: "Slot") -> bool:
+        gap = abs(self.words - other.words)
+        return gap <= max(2, max(self.words, other.words) // 2)
+
+
+Skeleton = tuple[Any, ...]  # str literals (punctuation, numbers, fixed words) and Slots
+
+
+def skeleton(text: str, fixed: frozenset[str] = frozenset()) -> Skeleton:
+    """The shape of `text`: punctuation, numbers and fixed words as they are; word runs as slots."""
+    out: list[Any] = []
+    for token in _TOKEN.findall(text.lower()):
+        if token.isdigit():
+            out.append("0")  # any number fills a number's place
+        elif not token[0].isalpha() or token in fixed:
+            out.append(token)
+        elif out and isinstance(out[-1], Slot):
+            out[-1] = Slot(out[-1].words + 1)
+        else:
+            out.append(Slot(1))
+    return tuple(out)
+
+
+def _family(text: str) -> tuple[str, ...]:
+    """Skeleton without slot sizes: the key that puts answers of one family together."""
+    return tuple("…" if isinstance(x, Slot) else x for x in skeleton(text))
+
+
+def _fits(expected: Skeleton, answer: Skeleton) -> bool:
+    if len(expected) != len(answer):
+        return False
+    for e, a in zip(expected, answer):
+        if isinstance(e, Slot) and isinstance(a, Slot):
+            if not e.fits(a):
+                return False
+        elif e != a:
+            return False
+    return True
+
+
+def parse_literal(text: str) -> Any:
+    """The value of a JSON or Python literal, or _NOT_A_LITERAL."""
+    text = text.strip()
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        pass
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return _NOT_A_LITERAL
+
+
+def _literal_shape(value: Any) -> Any:
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return (type(value).__name__, tuple(_literal_shape(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted((str(k), _literal_shape(v)) for k, v in value.items())))
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return "number"
+    return type(value).__name__  # str, bool, NoneType
+
+
+def _words(text: str) -> set[str]:
+    return {t for t in _TOKEN.findall(text.lower()) if t[0].isalpha()}
+
+
+class FormatJudge:
+    """Decides whether answers have their expected answer's shape.
+
+    `references` are all the examples the data knows (training and evaluation): the families
+    and their fixed words are learned from them.
+    """
+
+    def __init__(self, references: Iterable[Example] = ()) -> None:
+        families: dict[tuple[str, ...], dict[str, set[str]]] = defaultdict(dict)
+        for ex in references:
+            own = _words(ex.response) - _words(f"{ex.instruction} {ex.input}")
+            families[_family(ex.response)].setdefault(ex.response, own)
+        self._fixed: dict[tuple[str, ...], frozenset[str]] = {}
+        for key, members in families.items():
+            if len(members) >= _FAMILY_MIN:
+                counts = Counter(word for words in members.values() for word in words)
+                self._fixed[key] = frozenset(
+                    w for w, c in counts.items() if c >= _FIXED_SHARE * len(members))
+
+    def fixed_words(self, expected: str, instruction: str = "") -> frozenset[str]:
+        return self._fixed.get(_family(expected), frozenset()) - _words(instruction)
+
+    def match(self, expected: str, answer: str, instruction: str = "") -> bool:
+        """Whether `answer` has the shape of `expected` (the answer to `instruction`)."""
+        wanted = parse_literal(expected)
+        if isinstance(wanted, (list, tuple, set, frozenset, dict)):
+            got = parse_literal(answer)
+            return got is not _NOT_A_LITERAL and _literal_shape(got) == _literal_shape(wanted)
+        fixed = self.fixed_words(expected, instruction)
+        return _fits(skeleton(expected, fixed), skeleton(answer, fixed))
+
+
+def passes_check(check: Check, answer: str) -> bool:
+    if check.kind == "regex":
+        return re.fullmatch(str(check.value), answer.strip(), re.DOTALL) is not None
+    value = parse_literal(answer)
+    return isinstance(value, list) and len(value) == check.value
+
+
+_chrf: Any = None
+
+
+def chrf(answer: str, expected: str) -> float:
+    """Character n-gram F-score (sacrebleu's chrF, 0-100): how close the characters are."""
+    global _chrf
+    if _chrf is None:
+        from sacrebleu.metrics import CHRF
+
+        _chrf = CHRF()
+    return round(_chrf.sentence_score(answer, [expected]).score, 2)
+
+
+@dataclass(frozen=True)
+class Score:
+    exact: bool
+    format: bool
+    stopped: bool
+    chrf: float
+    check: bool | None  # None: the example has no check
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def score_answer(judge: FormatJudge, example: Example, answer: str,
+                 finish_reason: str) -> Score:
+    expected = example.response
+    return Score(exact=answer.strip() == expected.strip(),
+                 format=judge.match(expected, answer, f"{example.instruction} {example.input}"),
+                 stopped=finish_reason == "stop",
+                 chrf=chrf(answer, expected),
+                 check=passes_check(example.check, answer) if example.check else None)
+
+
+def summarize(scores: list[Score]) -> dict[str, Any]:
+    """Shares of exact, format and stopped answers, mean chrF, share of checks passed."""
+    n = len(scores)
+    checked = [s.check for s in scores if s.check is not None]
+
+    def share(values: list[bool]) -> float | None:
+        return round(sum(values) / len(values), 4) if values else None
+
+    return {"n": n,
+            "format": share([s.format for s in scores]),
+            "exact": share([s.exact for s in scores]),
+            "stopped": share([s.stopped for s in scores]),
+            "chrf": round(sum(s.chrf for s in scores) / n, 2) if n else None,
+            "check": share(checked), "n_checked": len(checked)}
+
+
+def describe_summary(summary: dict[str, Any]) -> str:
+    """One line for people: 'format 5/6, exact 1/6, stopped 6/6, chrF 71.2'."""
+    n = summary["n"]
+    if not n:
+        return "no examples"
+
+    def count(key: str, of: int) -> str:
+        return f"{round(summary[key] * of)}/{of}"
+
+    parts = [f"format {count('format', n)}", f"exact {count('exact', n)}",
+             f"stopped {count('stopped', n)}", f"chrF {summary['chrf']:.1f}"]
+    if summary.get("n_checked"):
+        parts.append(f"checks {count('check', summary['n_checked'])}")
+    return ", ".join(parts)
