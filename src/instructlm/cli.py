@@ -19,12 +19,10 @@ EPILOG = "Run 'instructlm COMMAND --help' for the options of a command."
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Teach a base model the instructions in FILE and save a run."""
-    from .train import TrainSettings, default_output, train
+    from .train import default_output, train
 
     quiet_libraries()
-    names = {f.name for f in fields(TrainSettings)}
-    settings = TrainSettings(**{k: v for k, v in vars(args).items()
-                                if k in names and v is not None})
+    settings = _train_settings(args)
     output = args.output or default_output(args.file)
     try:
         train(args.file, output, settings, force=args.force, report=_say,
@@ -35,18 +33,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_settings(args: argparse.Namespace) -> Any:
+    from .train import TrainSettings
+
+    names = {f.name for f in fields(TrainSettings)}
+    return TrainSettings(**{k: v for k, v in vars(args).items()
+                            if k in names and v is not None})
+
+
 # --- ask ------------------------------------------------------------------------------------
 
 def cmd_ask(args: argparse.Namespace) -> int:
     """Answer instructions with a trained run or an untuned base model."""
-    from .generate import DecodeSettings, load_answerer
+    from .generate import load_answerer
 
     quiet_libraries()
-    decode = DecodeSettings(
-        max_new_tokens=args.max_new_tokens, beams=args.beams, sample=args.sample,
-        temperature=args.temperature, top_p=args.top_p, no_repeat_ngram=args.no_repeat_ngram,
-        stop=tuple(args.stop or ()), seed=args.seed)
-    decode.check()
+    decode = _decode_settings(args)
     answerer = load_answerer(args.run, args.template, args.trust_remote_code)
     interactive = not args.instructions and sys.stdin.isatty()
     if args.instructions:
@@ -80,6 +82,108 @@ def _prompt_lines() -> Iterator[str]:
             yield line
 
 
+def _decode_settings(args: argparse.Namespace) -> Any:
+    from .generate import DecodeSettings
+
+    decode = DecodeSettings(
+        max_new_tokens=args.max_new_tokens, beams=args.beams, sample=args.sample,
+        temperature=args.temperature, top_p=args.top_p, no_repeat_ngram=args.no_repeat_ngram,
+        stop=tuple(args.stop or ()), seed=args.seed)
+    decode.check()
+    return decode
+
+
+def _decode_label(args: argparse.Namespace) -> str:
+    if args.sample:
+        return f"sample{args.temperature:g}"
+    return f"beams{args.beams}" if args.beams > 1 else "greedy"
+
+
+# --- eval, compare, curve -------------------------------------------------------------------
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Score a run's answers to held-out instructions (its own, or those in FILE)."""
+    from .evaluate import eval_set_for, evaluate
+    from .generate import load_answerer
+    from .report import eval_table, results_page, write_text
+    from .scores import describe_summary
+
+    quiet_libraries()
+    decode = _decode_settings(args)
+    eval_set = eval_set_for(args.run, args.file)
+    if eval_set.note:
+        _say(f"note: {eval_set.note}")
+    answerer = load_answerer(args.run, args.template, args.trust_remote_code)
+    result = evaluate(answerer, eval_set, decode, _decode_label(args), args.batch_size,
+                      with_loss=not args.no_loss)
+    if args.report:
+        page = results_page(f"instructlm eval {answerer.name}", [result], eval_set.note)
+        _say(f"Wrote {write_text(args.report, page)}", err=args.json)
+    if args.json:
+        print(json.dumps(result.to_dict(), ensure_ascii=False, indent=2))
+        return 0
+    print(eval_table(result))
+    loss = "" if result.eval_loss is None else f", eval loss {result.eval_loss:.3f}"
+    print(f"\n{answerer.name} on {result.source}: {describe_summary(result.summary)}{loss}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Score several runs and base models under several decodings, side by side."""
+    from .evaluate import compare, eval_set_for, parse_decodes
+    from .report import compare_table, results_page, write_text
+
+    quiet_libraries()
+    decodes = parse_decodes(args.decode, args.max_new_tokens)
+    eval_set = eval_set_for(args.models[0], args.file)
+    if eval_set.note:
+        _say(f"note: {eval_set.note}")
+    results = compare(args.models, eval_set, decodes, with_bases=args.base,
+                      batch_size=args.batch_size, report=lambda m: _say(m, err=True))
+    if args.report:
+        page = results_page("instructlm compare", results, f"Examples: {eval_set.source}")
+        _say(f"Wrote {write_text(args.report, page)}", err=args.json)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in results], ensure_ascii=False, indent=2))
+        return 0
+    print(f"{len(eval_set.examples)} examples from {eval_set.source}")
+    print(compare_table(results))
+    return 0
+
+
+def cmd_curve(args: argparse.Namespace) -> int:
+    """Train on growing parts of FILE and plot how the held-out scores grow."""
+    from .curve import learning_curve
+    from .generate import DecodeSettings
+    from .report import compare_table, plot_curve, results_page, write_text
+
+    quiet_libraries()
+    settings = _train_settings(args)
+    decode = DecodeSettings(max_new_tokens=args.max_new_tokens)
+    decode.check()
+    output = Path(args.output or Path("runs") / f"{Path(args.file).stem}-curve")
+    results = learning_curve(args.file, args.sizes, settings, decode,
+                             report=lambda m: _say(m, err=args.json), progress=not args.quiet)
+    points = [{"n_train": r.extra["n_train"], "summary": r.summary, "eval_loss": r.eval_loss,
+               "train_seconds": r.extra["train_seconds"]} for r in results]
+    png = plot_curve(points, f"{Path(args.file).name}: held-out answers")
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "curve.png").write_bytes(png)
+    write_text(output / "curve.json", json.dumps(
+        {"file": args.file, "points": points, "results": [r.to_dict() for r in results]},
+        ensure_ascii=False, indent=2) + "\n")
+    write_text(output / "report.html", results_page(
+        f"instructlm curve {args.file}", results,
+        f"Trained on growing parts of {args.file}, each scored on its held-out part.", png))
+    if args.json:
+        print(json.dumps(points, ensure_ascii=False))
+        return 0
+    print(compare_table(results))
+    print(f"\nWrote {output / 'curve.png'}, {output / 'report.html'} and "
+          f"{output / 'curve.json'}")
+    return 0
+
+
 # --- inspect --------------------------------------------------------------------------------
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -105,43 +209,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 # --- wiring ---------------------------------------------------------------------------------
 
-def _say(message: str) -> None:
-    print(message, file=sys.stderr if message.startswith("warning:") else sys.stdout,
-          flush=True)
+def _say(message: str, err: bool = False) -> None:
+    """Progress and results to stdout; warnings (and with `err`, everything) to stderr."""
+    to_stderr = err or message.startswith(("warning:", "note:"))
+    print(message, file=sys.stderr if to_stderr else sys.stdout, flush=True)
 
 
-def _add_base(p: argparse.ArgumentParser) -> None:
+def _add_training(p: argparse.ArgumentParser) -> None:
+    from .devices import PRECISIONS
+    from .train import TrainSettings
+
+    d = TrainSettings()
     p.add_argument("--base", help="base model: a model folder, a Hugging Face hub id, or "
                                   "'embedded' (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow a hub model to run its own Python code (only for ids you trust)")
-
-
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    """The top-level parser and one parser per command."""
-    from . import __version__
-    from .train import TrainSettings
-
-    parser = argparse.ArgumentParser(prog="instructlm", epilog=EPILOG, description=(
-        "Teach a pretrained language model your own instructions from a text file."))
-    parser.add_argument("--version", action="version", version=f"instructlm {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    commands: dict[str, Callable[[argparse.Namespace], int]] = {
-        "train": cmd_train, "ask": cmd_ask, "inspect": cmd_inspect}
-
-    parsers: dict[str, argparse.ArgumentParser] = {}
-
-    def add(name: str) -> argparse.ArgumentParser:
-        doc = (commands[name].__doc__ or "").strip()
-        p = parsers[name] = sub.add_parser(name, help=doc, description=doc)
-        p.set_defaults(func=commands[name])
-        return p
-
-    d = TrainSettings()
-    p = add("train")
-    p.add_argument("file", help="instruction file (instruction#response a line, or JSONL)")
-    p.add_argument("--output", "-o", help="run folder (default: runs/<file name>)")
-    _add_base(p)
     p.add_argument("--template", help="seed-de, seed-en, chat, or a string with {instruction} "
                                       "(default: the base model's chat template, else seed-en)")
     p.add_argument("--epochs", type=int, help=f"passes over the data (default {d.epochs})")
@@ -150,17 +232,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--max-length", type=int,
                    help=f"tokens per example, prompt + response (default {d.max_length})")
     p.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"],
+    p.add_argument("--precision", choices=PRECISIONS,
                    help="auto: bf16 autocast where the CPU/GPU supports it (default)")
-    p.add_argument("--force", action="store_true", help="replace an existing run")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
-    p = add("ask")
-    p.add_argument("run", help="a trained run folder, or a base model to see untuned answers "
-                               "('embedded', a model folder, a hub id)")
-    p.add_argument("instructions", nargs="*", help="instructions; without them, one a line "
-                                                    "from standard input")
-    p.add_argument("--json", action="store_true", help="one JSON object per answer and line")
+
+def _add_decoding(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beams", type=int, default=1, help="beam search with N beams "
                                                          "(default 1: greedy)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -178,6 +255,78 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--template", help="for a base model only: how to show the instruction")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow a hub model to run its own Python code")
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser and one parser per command."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="instructlm", epilog=EPILOG, description=(
+        "Teach a pretrained language model your own instructions from a text file."))
+    parser.add_argument("--version", action="version", version=f"instructlm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands: dict[str, Callable[[argparse.Namespace], int]] = {
+        "train": cmd_train, "ask": cmd_ask, "eval": cmd_eval, "compare": cmd_compare,
+        "curve": cmd_curve, "inspect": cmd_inspect}
+
+    parsers: dict[str, argparse.ArgumentParser] = {}
+
+    def add(name: str) -> argparse.ArgumentParser:
+        doc = (commands[name].__doc__ or "").strip()
+        p = parsers[name] = sub.add_parser(name, help=doc, description=doc)
+        p.set_defaults(func=commands[name])
+        return p
+
+    p = add("train")
+    p.add_argument("file", help="instruction file (instruction#response a line, or JSONL)")
+    p.add_argument("--output", "-o", help="run folder (default: runs/<file name>)")
+    _add_training(p)
+    p.add_argument("--force", action="store_true", help="replace an existing run")
+
+    p = add("ask")
+    p.add_argument("run", help="a trained run folder, or a base model to see untuned answers "
+                               "('embedded', a model folder, a hub id)")
+    p.add_argument("instructions", nargs="*", help="instructions; without them, one a line "
+                                                    "from standard input")
+    p.add_argument("--json", action="store_true", help="one JSON object per answer and line")
+    _add_decoding(p)
+
+    p = add("eval")
+    p.add_argument("run", help="a trained run folder (or a base model, with FILE)")
+    p.add_argument("file", nargs="?", help="instruction file to evaluate on: its eval part, or "
+                                           "all of it if it has none (default: the run's own "
+                                           "eval part)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--report", metavar="FILE.html", help="also write an HTML report")
+    p.add_argument("--no-loss", action="store_true", help="skip the eval loss")
+    _add_decoding(p)
+
+    p = add("compare")
+    p.add_argument("models", nargs="+", help="runs and/or base models ('embedded', a folder, "
+                                             "a hub id)")
+    p.add_argument("--base", action="store_true",
+                   help="also score each run's untuned base model, asked with the run's template")
+    p.add_argument("--file", help="instruction file to evaluate on (default: the first run's "
+                                  "own eval part)")
+    p.add_argument("--decode", default="greedy", help="decodings to try, comma-separated: "
+                   "greedy, beamsN, sampleT (temperature T) (default: greedy)")
+    p.add_argument("--max-new-tokens", type=int, default=200,
+                   help="longest answer in tokens (default 200)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="instructions decoded together (default 16)")
+    p.add_argument("--json", action="store_true", help="print a JSON list of results")
+    p.add_argument("--report", metavar="FILE.html", help="also write an HTML report")
+
+    p = add("curve")
+    p.add_argument("file", help="instruction file with a held-out ('# _EVAL_') part")
+    p.add_argument("--sizes", help="numbers of training examples, e.g. 4,8,16,all; 0 is the "
+                                   "untuned model (default: 0,4,8,16,... and all)")
+    p.add_argument("--output", "-o", help="folder for curve.png, report.html and curve.json "
+                                          "(default: runs/<file name>-curve)")
+    p.add_argument("--max-new-tokens", type=int, default=200,
+                   help="longest answer in tokens (default 200)")
+    p.add_argument("--json", action="store_true", help="print the points as JSON")
+    _add_training(p)
 
     p = add("inspect")
     p.add_argument("file", help="instruction file to check")

@@ -92,7 +92,8 @@ class Answerer:
         if decode.sample:
             torch.manual_seed(decode.seed)
         with torch.inference_mode():
-            out = self.model.generate(input_ids=ids, attention_mask=mask,
+            out = self.model.generate(input_ids=ids.to(self.model.device),
+                                      attention_mask=mask.to(self.model.device),
                                       generation_config=config,
                                       tokenizer=tok if decode.stop else None)
         return [self._finish(ex, row[width:].tolist(), eos_ids, decode)

@@ -19,7 +19,7 @@ from .devices import PRECISIONS, pick_device, resolve_precision
 from .encode import EncodedExample, collate, encode_examples
 from .errors import InstructlmError
 from .evaluate import EvalResult, EvalSet, evaluate
-from .formats import InstructionSet, read_instruction_file
+from .formats import Example, InstructionSet, read_instruction_file
 from .generate import Answerer
 from .loss import batch_loss, mean_loss
 from .runs import (DATA_FILE, LOSS_FILE, RUN_FILE, check_output, model_card, staged_run,
@@ -69,8 +69,6 @@ def train(file: str | Path, output: str | Path | None = None,
           settings: TrainSettings = TrainSettings(), force: bool = False,
           report: Report = print, progress: bool = True) -> Path:
     """Train on an instruction file and save a run; return the run directory."""
-    import torch
-
     settings.check()
     data = read_instruction_file(file)
     output = Path(output) if output else default_output(file)
@@ -78,25 +76,13 @@ def train(file: str | Path, output: str | Path | None = None,
     for warning in data.warnings:
         report(f"warning: {warning}")
 
-    source = resolve_base(settings.base)
-    tokenizer = load_tokenizer(source, settings.trust_remote_code)
-    template = choose_template(settings.template, tokenizer)
-    if template.name != "chat" and any(ex.history for ex in data.train):
-        report(f"warning: earlier chat turns are not shown by the {template.name} template; "
-               "use --template chat to train on them")
-    train_set, warnings = encode_examples(data.train, template, tokenizer, settings.max_length)
-    eval_set, eval_warnings = encode_examples(data.eval, template, tokenizer,
-                                              settings.max_length)
-    for warning in warnings + eval_warnings:
-        report(f"warning: {warning}")
+    source, tokenizer, template = load_tokenizer_and_template(settings, data, report)
+    train_set = encode_reporting(data.train, template, tokenizer, settings.max_length, report)
+    eval_set = encode_reporting(data.eval, template, tokenizer, settings.max_length, report)
     if not train_set:
         raise InstructlmError(f"{data.path}: no training example fits --max-length "
                               f"{settings.max_length}", hint="raise --max-length")
-
-    torch.manual_seed(settings.seed)
-    device = pick_device()
-    precision = resolve_precision(settings.precision, device)
-    model = load_model(source, settings.trust_remote_code).to(device)
+    model, device, precision = load_for_training(source, settings)
     report(f"Training {_base_name(settings.base)} on {len(train_set)} examples "
            f"({len(eval_set)} for evaluation), {settings.epochs} epochs, template "
            f"{template.name}, {precision} on {device}")
@@ -122,6 +108,37 @@ def train(file: str | Path, output: str | Path | None = None,
     which = "Held-out" if data.eval else "Training"
     report(f"{which} answers: {describe_summary(closing.summary)}")
     return output
+
+
+def load_tokenizer_and_template(settings: TrainSettings, data: InstructionSet,
+                                report: Report) -> tuple[str, Any, Template]:
+    """The base model's source, its tokenizer, and the template the examples are shown in."""
+    source = resolve_base(settings.base)
+    tokenizer = load_tokenizer(source, settings.trust_remote_code)
+    template = choose_template(settings.template, tokenizer)
+    if template.name != "chat" and any(ex.history for ex in data.train):
+        report(f"warning: earlier chat turns are not shown by the {template.name} template; "
+               "use --template chat to train on them")
+    return source, tokenizer, template
+
+
+def encode_reporting(examples: list[Example], template: Template, tokenizer: Any,
+                     max_length: int, report: Report) -> list[EncodedExample]:
+    """Encoded examples; the ones that do not fit are dropped with a warning."""
+    encoded, warnings = encode_examples(examples, template, tokenizer, max_length)
+    for warning in warnings:
+        report(f"warning: {warning}")
+    return encoded
+
+
+def load_for_training(source: str, settings: TrainSettings) -> tuple[Any, str, str]:
+    """The base model on its device, the device, and the precision to train in."""
+    import torch
+
+    torch.manual_seed(settings.seed)
+    device = pick_device()
+    precision = resolve_precision(settings.precision, device)
+    return load_model(source, settings.trust_remote_code).to(device), device, precision
 
 
 def fit(model: Any, train_set: list[EncodedExample], eval_set: list[EncodedExample],

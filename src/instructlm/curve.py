@@ -1,0 +1,109 @@
+"""How many instructions are enough? Train on growing subsets, score each on the same held-out
+part, and plot the scores against the number of training examples.
+
+Subsets are nested (the 8 include the 4) and drawn evenly from the instruction families, so a
+small subset sees as many kinds of instruction as it can rather than many of one kind.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from pathlib import Path
+from typing import Callable
+
+from .errors import InstructlmError
+from .evaluate import EvalResult, EvalSet, evaluate
+from .formats import EVAL_MARKER, Example, read_instruction_file
+from .generate import Answerer, DecodeSettings
+from .scores import describe_summary
+from .train import (TrainSettings, encode_reporting, fit, load_for_training,
+                    load_tokenizer_and_template)
+
+Report = Callable[[str], None]
+
+
+def family(example: Example, words: int = 2) -> str:
+    """The instruction's first words: 'Tell me a spell about…' and 'Tell me a spell…' group."""
+    return " ".join(re.findall(r"\w+", example.instruction.lower())[:words])
+
+
+def spread_order(examples: list[Example], seed: int) -> list[Example]:
+    """All examples, reordered so every prefix is spread evenly over the families.
+
+    Each family is shuffled (fixed seed); then one example is taken from each family in turn,
+    largest family first.
+    """
+    families: dict[str, list[Example]] = {}
+    for ex in examples:
+        families.setdefault(family(ex), []).append(ex)
+    rng = random.Random(seed)
+    for members in families.values():
+        rng.shuffle(members)
+    queues = sorted(families.values(), key=len, reverse=True)  # stable: ties keep file order
+    ordered = []
+    for i in range(max(len(q) for q in queues)):
+        ordered += [q[i] for q in queues if i < len(q)]
+    return ordered
+
+
+def parse_sizes(text: str | None, n_train: int) -> list[int]:
+    """'4,8,16,all' -> [4, 8, 16, n_train]. Default: 0 (untuned), 4, 8, 16, ... and all."""
+    if not text:
+        sizes, n = [0], 4
+        while n < n_train:
+            sizes.append(n)
+            n *= 2
+        return sizes + [n_train]
+    sizes = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        if part == "all":
+            sizes.append(n_train)
+        elif part.isdigit() and int(part) <= n_train:
+            sizes.append(int(part))
+        else:
+            raise InstructlmError(f"--sizes: {part!r} is not a number from 0 to {n_train} "
+                                  "(the training examples in the file) or 'all'",
+                                  hint="e.g. --sizes 4,8,16,all; 0 is the untuned model")
+    if not sizes:
+        raise InstructlmError("--sizes names no size", hint="e.g. --sizes 4,8,16,all")
+    return sorted(set(sizes))
+
+
+def learning_curve(file: str | Path, sizes: str | None = None,
+                   settings: TrainSettings = TrainSettings(),
+                   decode: DecodeSettings = DecodeSettings(), report: Report = print,
+                   progress: bool = True) -> list[EvalResult]:
+    """One scored evaluation per training size; each result's `extra` holds `n_train`."""
+    import torch
+
+    settings.check()
+    data = read_instruction_file(file)
+    if not data.eval:
+        raise InstructlmError(f"{file} has no held-out examples to measure the curve on",
+                              hint=f"start the held-out part with a '# {EVAL_MARKER}' comment "
+                                   "line (in JSONL: \"split\": \"eval\")")
+    counts = parse_sizes(sizes, len(data.train))
+    source, tokenizer, template = load_tokenizer_and_template(settings, data, report)
+    model, device, precision = load_for_training(source, settings)
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ordered = spread_order(data.train, settings.seed)
+    eval_set = EvalSet(f"{file} (its eval part)", data.eval, data.train + data.eval)
+    results = []
+    for n in counts:
+        model.load_state_dict(initial)  # every size starts from the same base model
+        torch.manual_seed(settings.seed)
+        started = time.perf_counter()
+        if n:
+            subset = encode_reporting(ordered[:n], template, tokenizer, settings.max_length,
+                                      report)
+            fit(model, subset, [], settings, tokenizer.pad_token_id, device, precision,
+                report, progress)
+        seconds = time.perf_counter() - started
+        label = f"{n} examples" if n else "untuned (0)"
+        result = evaluate(Answerer(model, tokenizer, template, label), eval_set, decode)
+        result.extra = {"n_train": n, "train_seconds": round(seconds, 1)}
+        report(f"{label}: {describe_summary(result.summary)} ({seconds:.0f} s training)")
+        results.append(result)
+    return results
