@@ -21,6 +21,15 @@ def test_labels_mask_prompt_and_end_with_eos(tiny_tokenizer):
     assert not enc.truncated
 
 
+def test_without_end_token_as_the_tutorial_did(tiny_tokenizer):
+    t = parse_template("seed-en")
+    ex = Example("Name three fruits.", "Apple, banana, cherry")
+    with_end = encode_example(ex, t, tiny_tokenizer, 512)
+    without = encode_example(ex, t, tiny_tokenizer, 512, end_token=False)
+    assert without.input_ids == with_end.input_ids[:-1]
+    assert tiny_tokenizer.eos_token_id not in without.labels
+
+
 def test_chat_prompt_is_encoded_as_rendered(tiny_tokenizer):
     t = parse_template("chat")
     ex = Example("Hi", "Hello")

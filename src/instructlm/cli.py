@@ -234,6 +234,9 @@ def _add_training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
     p.add_argument("--precision", choices=PRECISIONS,
                    help="auto: bf16 autocast where the CPU/GPU supports it (default)")
+    p.add_argument("--no-end-token", dest="end_token", action="store_false", default=None,
+                   help="do not teach the end token (the tutorial's way, to compare: answers "
+                        "then run on to --max-new-tokens)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
 

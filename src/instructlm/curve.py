@@ -96,8 +96,7 @@ def learning_curve(file: str | Path, sizes: str | None = None,
         torch.manual_seed(settings.seed)
         started = time.perf_counter()
         if n:
-            subset = encode_reporting(ordered[:n], template, tokenizer, settings.max_length,
-                                      report)
+            subset = encode_reporting(ordered[:n], template, tokenizer, settings, report)
             fit(model, subset, [], settings, tokenizer.pad_token_id, device, precision,
                 report, progress)
         seconds = time.perf_counter() - started

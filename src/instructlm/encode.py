@@ -42,12 +42,17 @@ def end_token_id(tokenizer: Any) -> int:
     return int(tokenizer.eos_token_id)
 
 
-def encode_example(example: Example, template: Template, tokenizer: Any,
-                   max_length: int) -> EncodedExample | None:
-    """Ids and labels with the prompt masked; None when truncation would leave no response."""
+def encode_example(example: Example, template: Template, tokenizer: Any, max_length: int,
+                   end_token: bool = True) -> EncodedExample | None:
+    """Ids and labels with the prompt masked; None when truncation would leave no response.
+
+    The response is followed by the end token, which is how the model learns to stop;
+    `end_token=False` leaves it out, as the tutorial did (for comparisons).
+    """
     prompt_ids = encode_prompt(render_prompt(template, example, tokenizer), tokenizer, template)
     response_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"]
-    response_ids = [*response_ids, end_token_id(tokenizer)]
+    if end_token:
+        response_ids = [*response_ids, end_token_id(tokenizer)]
     room = max_length - len(prompt_ids)
     if room <= 0:
         return None
@@ -61,11 +66,12 @@ def encode_example(example: Example, template: Template, tokenizer: Any,
 
 
 def encode_examples(examples: list[Example], template: Template, tokenizer: Any,
-                    max_length: int) -> tuple[list[EncodedExample], list[str]]:
+                    max_length: int, end_token: bool = True,
+                    ) -> tuple[list[EncodedExample], list[str]]:
     """Encode many; return the kept ones and a warning for each dropped or cut example."""
     kept, warnings = [], []
     for ex in examples:
-        enc = encode_example(ex, template, tokenizer, max_length)
+        enc = encode_example(ex, template, tokenizer, max_length, end_token)
         if enc is None:
             warnings.append(f"{ex.source}: dropped, the prompt alone is longer than "
                             f"--max-length {max_length} tokens")

@@ -142,10 +142,9 @@ def compare(models: list[str], eval_set: EvalSet, decodes: list[tuple[str, Decod
     """Every model (runs, base models, and with `with_bases` each run's untuned base, asked
     with the run's template) under every decoding, on the same examples."""
     results = []
-    for spec, template in _models_to_compare(models, with_bases):
+    for spec, template, label in _models_to_compare(models, with_bases):
         answerer = load_answerer(spec, template)
-        if template is not None:
-            answerer.name = f"{answerer.name} (untuned)"
+        answerer.name = label or answerer.name
         loss = answer_loss(answerer, eval_set.examples)
         for label, decode in decodes:
             report(f"{answerer.name}, {label} ...")
@@ -156,9 +155,11 @@ def compare(models: list[str], eval_set: EvalSet, decodes: list[tuple[str, Decod
     return results
 
 
-def _models_to_compare(models: list[str], with_bases: bool) -> list[tuple[str, Template | None]]:
-    """(spec, template) pairs; template is set only for a run's base, asked like the run."""
-    pairs: list[tuple[str, Template | None]] = [(m, None) for m in models]
+def _models_to_compare(models: list[str],
+                       with_bases: bool) -> list[tuple[str, Template | None, str]]:
+    """(spec, template, label); template and label are set only for a run's untuned base,
+    which is asked with the run's template."""
+    pairs: list[tuple[str, Template | None, str]] = [(m, None, "") for m in models]
     if with_bases:
         seen = set()
         for m in models:
@@ -167,7 +168,8 @@ def _models_to_compare(models: list[str], with_bases: bool) -> list[tuple[str, T
                 key = (info["base"]["spec"], str(info["template"]))
                 if key not in seen:
                     seen.add(key)
-                    pairs.append((info["base"]["spec"], Template.from_dict(info["template"])))
+                    pairs.append((info["base"]["spec"], Template.from_dict(info["template"]),
+                                  f"{info['base']['name']} (untuned)"))
         if not seen:
             raise InstructlmError("--base adds the untuned base model of each run, but none "
                                   "of the models is a run")

@@ -45,6 +45,7 @@ class TrainSettings:
     warmup_ratio: float = 0.1
     precision: str = "auto"  # auto | bf16 | fp32
     trust_remote_code: bool = False
+    end_token: bool = True  # False: the tutorial's way, the model never learns to stop
 
     def check(self) -> None:
         """Refuse settings that cannot train, before anything is loaded."""
@@ -77,8 +78,8 @@ def train(file: str | Path, output: str | Path | None = None,
         report(f"warning: {warning}")
 
     source, tokenizer, template = load_tokenizer_and_template(settings, data, report)
-    train_set = encode_reporting(data.train, template, tokenizer, settings.max_length, report)
-    eval_set = encode_reporting(data.eval, template, tokenizer, settings.max_length, report)
+    train_set = encode_reporting(data.train, template, tokenizer, settings, report)
+    eval_set = encode_reporting(data.eval, template, tokenizer, settings, report)
     if not train_set:
         raise InstructlmError(f"{data.path}: no training example fits --max-length "
                               f"{settings.max_length}", hint="raise --max-length")
@@ -123,9 +124,10 @@ def load_tokenizer_and_template(settings: TrainSettings, data: InstructionSet,
 
 
 def encode_reporting(examples: list[Example], template: Template, tokenizer: Any,
-                     max_length: int, report: Report) -> list[EncodedExample]:
+                     settings: TrainSettings, report: Report) -> list[EncodedExample]:
     """Encoded examples; the ones that do not fit are dropped with a warning."""
-    encoded, warnings = encode_examples(examples, template, tokenizer, max_length)
+    encoded, warnings = encode_examples(examples, template, tokenizer, settings.max_length,
+                                        settings.end_token)
     for warning in warnings:
         report(f"warning: {warning}")
     return encoded
