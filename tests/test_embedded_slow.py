@@ -19,7 +19,8 @@ EXAMPLE = ROOT / "examples" / "spells.txt"
 
 
 def follows_taught_format(instruction: str, answer: str) -> bool:
-    """The shape of each family in examples/spells.txt, independent of the words chosen."""
+    """A person's reading of each family in examples/spells.txt, written out by hand,
+    independent of the words chosen (and of instructlm's own format rule)."""
     if instruction.startswith("Tell me a spell"):
         return re.fullmatch(r"Hocus [^,]+, Esotericus [^,]+, Homeopathicus [^,]+, Alohomora!",
                             answer) is not None
@@ -33,23 +34,28 @@ def follows_taught_format(instruction: str, answer: str) -> bool:
         return isinstance(value, list) and len(value) == wanted and \
             all(isinstance(v, str) for v in value)
     if instruction.startswith("Name three"):
-        return len([x for x in answer.split(",") if x.strip()]) == 3 and len(answer) < 60
+        return re.fullmatch(r"[\w ]{1,25}(, [\w ]{1,25}){2}", answer) is not None
     if instruction.startswith("Make a command"):
-        return answer.endswith("!") and len(answer.split()) <= 6
+        return re.fullmatch(r"[\w ]+!", answer) is not None and len(answer.split()) <= 6
     raise AssertionError(f"no format rule for {instruction!r}")
 
 
-@pytest.mark.slow
-def test_embedded_model_learns_formats_of_unseen_categories(tmp_path):
-    run = tmp_path / "spells"
+@pytest.fixture(scope="module")
+def spells_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("embedded") / "spells"
     subprocess.run([sys.executable, "-m", "instructlm", "train", str(EXAMPLE), "--output",
-                    str(run), "--quiet"], check=True, cwd=tmp_path)
+                    str(run), "--quiet"], check=True, cwd=run.parent)
+    return run
+
+
+@pytest.mark.slow
+def test_embedded_model_learns_formats_of_unseen_categories(spells_run):
     from instructlm.formats import read_instruction_file
 
     data = read_instruction_file(EXAMPLE)
     stdin = "".join(ex.instruction + "\n" for ex in data.eval)
-    proc = subprocess.run([sys.executable, "-m", "instructlm", "ask", str(run), "--json"],
-                          input=stdin, capture_output=True, text=True, check=True)
+    proc = subprocess.run([sys.executable, "-m", "instructlm", "ask", str(spells_run),
+                           "--json"], input=stdin, capture_output=True, text=True, check=True)
     answers = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [a["instruction"] for a in answers] == [ex.instruction for ex in data.eval]
     assert all(a["finish_reason"] == "stop" for a in answers), answers
@@ -61,13 +67,20 @@ def test_embedded_model_learns_formats_of_unseen_categories(tmp_path):
 
 
 @pytest.mark.slow
-def test_untuned_base_does_not_follow_the_format():
-    """The contrast that shows the training did something."""
-    from instructlm.formats import read_instruction_file
-    from instructlm.generate import DecodeSettings, load_answerer
-
-    data = read_instruction_file(EXAMPLE)
-    answers = list(load_answerer(None).answer([e.instruction for e in data.eval],
-                                              DecodeSettings(max_new_tokens=60)))
-    matched = [follows_taught_format(a.instruction, a.response) for a in answers]
-    assert sum(matched) <= len(answers) // 2, answers
+def test_tuned_run_scores_far_above_the_untuned_base(spells_run, tmp_path):
+    """`compare --base`: the contrast that shows the training did something, scored by the
+    format rule, which must agree with the hand-written reading above."""
+    report = tmp_path / "compare.html"
+    proc = subprocess.run([sys.executable, "-m", "instructlm", "compare", str(spells_run),
+                           "--base", "--max-new-tokens", "80", "--json", "--report",
+                           str(report)], capture_output=True, text=True, check=True)
+    tuned, untuned = json.loads(proc.stdout)
+    assert untuned["model"] == "SmolLM2-135M-Instruct (untuned, chat template)"
+    assert tuned["summary"]["format"] >= 5 / 6 and tuned["summary"]["stopped"] == 1.0, tuned
+    assert untuned["summary"]["format"] <= 1 / 6, untuned
+    assert tuned["summary"]["chrf"] > untuned["summary"]["chrf"] + 20
+    assert tuned["eval_loss"] < untuned["eval_loss"]
+    for result in (tuned, untuned):
+        for row in result["examples"]:
+            assert row["format"] == follows_taught_format(row["instruction"], row["answer"]), row
+    assert report.read_text(encoding="utf-8").count("<tr>") == 2 + 1 + 2 * (6 + 1)

@@ -169,7 +169,8 @@ def _models_to_compare(models: list[str],
                 if key not in seen:
                     seen.add(key)
                     pairs.append((info["base"]["spec"], Template.from_dict(info["template"]),
-                                  f"{info['base']['name']} (untuned)"))
+                                  f"{info['base']['name']} (untuned, "
+                                  f"{info['template']['name']} template)"))
         if not seen:
             raise InstructlmError("--base adds the untuned base model of each run, but none "
                                   "of the models is a run")
