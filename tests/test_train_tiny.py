@@ -94,13 +94,13 @@ def test_existing_run_is_kept_without_force(tiny_run, tiny_base):
 
 
 def test_interrupted_training_leaves_earlier_run_untouched(tiny_run, tiny_base, monkeypatch):
-    import instructlm.train as train_module
+    import instructlm.optimize as optimize_module
 
     before = {p.name: p.read_bytes() for p in tiny_run.iterdir() if p.name != "model.safetensors"}
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(train_module, "batch_loss", interrupt)
+    monkeypatch.setattr(optimize_module, "batch_loss", interrupt)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_run.parent / "facts.txt", tiny_run, tiny_settings(tiny_base), force=True,
               report=lambda m: None, progress=False)

@@ -154,13 +154,16 @@ def load_tokenizer(source: str, trust_remote_code: bool = False) -> Any:
     return tokenizer
 
 
-def load_model(source: str, trust_remote_code: bool = False, dtype: Any = None) -> Any:
+def load_model(source: str, trust_remote_code: bool = False, dtype: Any = None,
+               attention: str | None = None) -> Any:
+    """The model in fp32 (or `dtype`), with the library's attention kernel (or `attention`)."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    extra = {"attn_implementation": attention} if attention else {}
     try:
         return load_pretrained(AutoModelForCausalLM, source, dtype=dtype or torch.float32,
-                               trust_remote_code=trust_remote_code)
+                               trust_remote_code=trust_remote_code, **extra)
     except ValueError as err:  # e.g. an architecture this transformers does not know
         raise InstructlmError(f"cannot load {source!r} as a causal language model: {err}",
                               hint="models with custom code need --trust-remote-code") from None

@@ -57,17 +57,41 @@ def cmd_ask(args: argparse.Namespace) -> int:
         items = _prompt_lines()
     else:
         items = (line.strip() for line in sys.stdin if line.strip())
-    batch = 1 if interactive else args.batch_size
+    # One question at a time is shown as it is written; many are answered in batches.
+    one_by_one = interactive or len(args.instructions) == 1
+    streaming = one_by_one and not args.json and decode.beams == 1 and not decode.stop
     try:
-        for answer in answerer.answer(items, decode, batch_size=batch):
+        if streaming:
+            for item in items:
+                _print_cut(answerer.answer_streaming(item, decode, _TextPrinter()))
+            return 0
+        for answer in answerer.answer(items, decode, batch_size=1 if one_by_one
+                                      else args.batch_size):
             if args.json:
                 print(json.dumps(answer.to_dict(), ensure_ascii=False), flush=True)
             else:
-                suffix = "" if answer.finish_reason == "stop" else "  [cut at --max-new-tokens]"
-                print(answer.response + suffix, flush=True)
+                print(answer.response, end="", flush=True)
+                _print_cut(answer)
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+class _TextPrinter:
+    """Prints streamed answer text, without the leading space of the first piece."""
+
+    def __init__(self) -> None:
+        self.started = False
+
+    def __call__(self, text: str) -> None:
+        if not self.started:
+            text = text.lstrip()
+            self.started = bool(text)
+        print(text, end="", flush=True)
+
+
+def _print_cut(answer: Any) -> None:
+    print("" if answer.finish_reason == "stop" else "  [cut at --max-new-tokens]", flush=True)
 
 
 def _prompt_lines() -> Iterator[str]:

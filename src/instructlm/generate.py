@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from .base import EMBEDDED, load_model, load_tokenizer, resolve_base
 from .encode import encode_prompt
@@ -67,7 +67,26 @@ class Answerer:
             examples = [Example(x, "") if isinstance(x, str) else x for x in batch]
             yield from self._answer_batch(examples, decode)
 
-    def _answer_batch(self, examples: list[Example], decode: DecodeSettings) -> list[Answer]:
+    def answer_streaming(self, item: str | Example, decode: DecodeSettings,
+                         on_text: Callable[[str], None]) -> Answer:
+        """Answer one instruction, passing the text to `on_text` as it is generated.
+
+        Greedy or sampled decoding without stop texts (beam search cannot stream: its best
+        beam is known only at the end); the whole Answer is returned at the end.
+        """
+        from transformers import TextStreamer
+
+        class Streamer(TextStreamer):
+            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+                if text:
+                    on_text(text)
+
+        example = Example(item, "") if isinstance(item, str) else item
+        streamer = Streamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        return self._answer_batch([example], decode, streamer)[0]
+
+    def _answer_batch(self, examples: list[Example], decode: DecodeSettings,
+                      streamer: Any = None) -> list[Answer]:
         import torch
         from transformers import GenerationConfig
 
@@ -94,7 +113,7 @@ class Answerer:
         with torch.inference_mode():
             out = self.model.generate(input_ids=ids.to(self.model.device),
                                       attention_mask=mask.to(self.model.device),
-                                      generation_config=config,
+                                      generation_config=config, streamer=streamer,
                                       tokenizer=tok if decode.stop else None)
         return [self._finish(ex, row[width:].tolist(), eos_ids, decode)
                 for ex, row in zip(examples, out)]

@@ -1,0 +1,94 @@
+"""One training step: the loss of a batch, backward, clipping, an AdamW update, the schedule.
+
+In bf16 the weights are kept twice: the model computes with bf16 copies, and AdamW updates fp32
+master weights, which are copied back into the model after each step. Pure bf16 weights barely
+learn (updates of 1e-4 vanish in bf16's 8-bit mantissa); the usual alternative, fp32 weights
+under autocast, re-casts every weight on every forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .loss import batch_loss
+
+
+class TrainStep:
+    """Call with a collated batch to train on it; returns the batch's loss."""
+
+    def __init__(self, model: Any, lr: float, weight_decay: float, warmup_ratio: float,
+                 total_steps: int, device: str, precision: str, labels_only: bool = True,
+                 master_weights: bool = True, sparse_embedding: bool = True) -> None:
+        import torch
+        from transformers import get_linear_schedule_with_warmup
+
+        self.model, self.device, self.precision = model, device, precision
+        self.labels_only = labels_only
+        self.sparse_embedding = sparse_embedding and _sparse_embedding(model)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.master: list[Any] | None = None
+        if precision == "bf16" and master_weights:
+            self.master = [p.detach().float() for p in self.params]
+            for m in self.master:
+                m.grad = torch.zeros_like(m)
+            # Parameters only: buffers such as rotary frequencies stay fp32.
+            for p in self.params:
+                p.data = p.data.to(torch.bfloat16)
+        trained = self.master or self.params
+        # Weight decay on matrices only, as is customary: not on norms and biases.
+        groups = [{"params": [p for p in trained if p.ndim >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in trained if p.ndim < 2], "weight_decay": 0.0}]
+        # The fused kernel updates all parameters in one pass: ~5x faster than the for-loop
+        # default on a CPU, where that took a third of the step.
+        self.optimizer = torch.optim.AdamW(groups, lr=lr, fused=True)
+        self.scheduler = get_linear_schedule_with_warmup(
+            self.optimizer, math.ceil(warmup_ratio * total_steps), total_steps)
+
+    @property
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def __call__(self, batch: dict[str, Any]) -> float:
+        import torch
+
+        loss = batch_loss(self.model, batch, self.device, self.precision, self.labels_only)
+        loss.backward()
+        if self.master is not None:
+            torch._foreach_copy_([m.grad for m in self.master], [p.grad for p in self.params])
+        torch.nn.utils.clip_grad_norm_(self.master or self.params, 1.0)
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.master is not None:
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, self.master)
+        self.model.zero_grad(set_to_none=True)
+        return loss.item()
+
+    def finish(self) -> None:
+        """Leave the model with its fp32 master weights, ready to save and to answer."""
+        if self.sparse_embedding:
+            self.model.get_input_embeddings().sparse = False
+        if self.master is not None:
+            for p, m in zip(self.params, self.master, strict=True):
+                p.data = m.detach()
+            self.master = None
+        self.optimizer.state.clear()  # AdamW's moments: twice the model's size
+
+
+def _sparse_embedding(model: Any) -> bool:
+    """Let the input embedding send back a sparse gradient (only the rows of the batch's
+    tokens), where it shares its weight with the output layer.
+
+    The dense default writes and then adds a vocabulary-sized gradient (49k x 576 for the
+    embedded model) every step, about a tenth of a CPU step. Because the output layer's
+    gradient is dense, the shared weight's summed gradient stays dense, as AdamW needs.
+    """
+    import torch
+
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if not isinstance(embedding, torch.nn.Embedding) or head is None \
+            or head.weight is not embedding.weight:
+        return False
+    embedding.sparse = True
+    return True
