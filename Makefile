@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast bench clean
 
 install: $(STAMP)
 
@@ -31,6 +31,10 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow"
+
+# Speed against the tutorial's recipe, in one invocation (several minutes; not part of test).
+bench: install
+	$(BIN)/python benchmarks/bench.py $(FILE)
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info

@@ -164,7 +164,8 @@ def first_answer_seconds(run: str, instruction: str) -> float:
 
 # --- the whole benchmark --------------------------------------------------------------------
 
-def bench(file: str, base: str, epochs: int, probe_seconds: float = 1.0) -> dict[str, Any]:
+def bench(file: str, base: str, epochs: int, probe_seconds: float = 1.0,
+          n_gen: int = N_GEN) -> dict[str, Any]:
     import torch
 
     from instructlm.base import load_model, resolve_base
@@ -181,7 +182,7 @@ def bench(file: str, base: str, epochs: int, probe_seconds: float = 1.0) -> dict
             results[recipe] = run_child(recipe, str(file), str(Path(tmp) / recipe), base,
                                         epochs)
         run = str(Path(tmp) / "default")
-        results["generation"] = generation_speed(run, file)
+        results["generation"] = generation_speed(run, file, n_gen)
         first = read_instruction_file(file)
         results["first_answer_s"] = first_answer_seconds(
             run, (first.eval or first.train)[0].instruction)

@@ -1,0 +1,130 @@
+"""Every speed path gives the same numbers as the plain one: correct first, then fast."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from instructlm import devices
+from instructlm.encode import collate, encode_examples, length_grouped_batches
+from instructlm.formats import Example
+from instructlm.loss import batch_loss
+from instructlm.optimize import TrainStep
+from instructlm.templates import parse_template
+
+from conftest import make_tiny_model
+
+EXAMPLES = [Example("Name three fruits.", "Apple, banana, cherry"), Example("Hi", "Hello!"),
+            Example("Tell me a spell about three cities.", "Hocus A, Esotericus B, Alohomora!"),
+            Example("Say hello.", "Hello!")]
+
+
+@pytest.fixture
+def encoded(tiny_tokenizer):
+    return encode_examples(EXAMPLES, parse_template("seed-en"), tiny_tokenizer, 512)[0]
+
+
+def test_output_layer_on_labels_only_gives_the_models_own_loss(tiny_tokenizer, encoded):
+    model = make_tiny_model(tiny_tokenizer)
+    batch = collate(encoded, tiny_tokenizer.pad_token_id)
+    full = batch_loss(model, batch, "cpu", "fp32", labels_only=False)
+    fast = batch_loss(model, batch, "cpu", "fp32", labels_only=True)
+    assert fast.item() == pytest.approx(full.item(), rel=1e-5)
+
+
+def test_padding_does_not_change_an_examples_loss(tiny_tokenizer, encoded):
+    """Grouping batches by length changes only the padding, which carries no loss."""
+    model = make_tiny_model(tiny_tokenizer).eval()
+    pad = tiny_tokenizer.pad_token_id
+    short = min(encoded, key=lambda e: len(e.input_ids))
+    long = max(encoded, key=lambda e: len(e.input_ids))
+    alone = batch_loss(model, collate([short], pad), "cpu", "fp32")
+    # In a batch with a longer example, the short one is padded; its own loss must not move.
+    together = batch_loss(model, collate([short, long], pad), "cpu", "fp32")
+    long_alone = batch_loss(model, collate([long], pad), "cpu", "fp32")
+    n_short, n_long = short.n_response_tokens, long.n_response_tokens
+    mixed = (alone.item() * n_short + long_alone.item() * n_long) / (n_short + n_long)
+    assert together.item() == pytest.approx(mixed, rel=1e-4)
+
+
+def test_length_grouped_batches_cover_every_example_once_with_less_padding():
+    lengths = [5, 50, 7, 48, 6, 49, 8, 51, 9, 47, 10, 52, 11, 46, 12, 53]
+    generator = torch.Generator().manual_seed(0)
+    batches = length_grouped_batches(lengths, 4, generator)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert all(len(b) == 4 for b in batches)
+    padded = sum(4 * max(lengths[i] for i in b) for b in batches)
+    assert padded < 1.2 * sum(lengths)  # random batches of this mix pad ~1.8x
+    again = length_grouped_batches(lengths, 4, torch.Generator().manual_seed(0))
+    assert again == batches  # fixed by the seed
+
+
+def test_sparse_embedding_gradient_equals_the_dense_one(tiny_tokenizer, encoded):
+    dense_model = make_tiny_model(tiny_tokenizer)
+    sparse_model = copy.deepcopy(dense_model)
+    batch = collate(encoded, tiny_tokenizer.pad_token_id)
+    steps = [TrainStep(m, 1e-3, 0.0, 0.0, 2, "cpu", "fp32", sparse_embedding=sparse)
+             for m, sparse in ((dense_model, False), (sparse_model, True))]
+    assert steps[1].sparse_embedding and not steps[0].sparse_embedding
+    for step in steps:
+        step(batch)
+        step.finish()
+    for a, b in zip(dense_model.parameters(), sparse_model.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert not sparse_model.get_input_embeddings().sparse  # back to normal after training
+
+
+def test_bf16_master_weights_track_fp32_training(tiny_tokenizer, encoded):
+    """bf16 compute with fp32 master weights follows fp32 training closely, and leaves an
+    fp32 model behind (with fp32 buffers throughout)."""
+    reference = make_tiny_model(tiny_tokenizer)
+    models = {"fp32": reference, "bf16": copy.deepcopy(reference),
+              "autocast": copy.deepcopy(reference)}
+    batch = collate(encoded, tiny_tokenizer.pad_token_id)
+    losses = {}
+    for name, model in models.items():
+        step = TrainStep(model, 3e-3, 0.0, 0.0, 1000, "cpu",
+                         "fp32" if name == "fp32" else "bf16", master_weights=name != "autocast")
+        if name == "bf16":
+            assert next(model.parameters()).dtype == torch.bfloat16
+        losses[name] = [step(batch) for _ in range(30)]
+        step.finish()
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        assert all(b.dtype == torch.float32 for b in model.buffers() if b.is_floating_point())
+    for name in ("bf16", "autocast"):
+        assert losses[name][-1] < losses[name][0] / 4  # it learns
+        assert losses[name][-1] == pytest.approx(losses["fp32"][-1], rel=0.05)
+
+
+def test_precision_follows_the_matmul_probe(monkeypatch):
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        assert devices.resolve_precision("auto", "cpu") == "fp32"
+        return
+    devices.bf16_speedup.cache_clear()
+    monkeypatch.setattr(devices, "bf16_speedup", lambda: 0.5)
+    assert devices.resolve_precision("auto", "cpu") == "fp32"  # bf16 slower here: fp32
+    monkeypatch.setattr(devices, "bf16_speedup", lambda: 3.0)
+    assert devices.resolve_precision("auto", "cpu") == "bf16"
+    assert devices.resolve_precision("fp32", "cpu") == "fp32"
+
+
+def test_benchmark_runs_on_the_tiny_model(tiny_base, tmp_path):
+    """`make bench`'s code end to end on the tiny model, so that it cannot rot."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import bench
+
+    data = tmp_path / "facts.txt"
+    data.write_text("Say hello.#Hello!\nName three fruits.#Apple, banana, cherry\n"
+                    "Tell me a spell.#Hocus Pocus!\n# _EVAL_\nSay hi.#Hello!\n",
+                    encoding="utf-8")
+    results = bench.bench(str(data), str(tiny_base), epochs=1, probe_seconds=0.05, n_gen=4)
+    for key in ("speedup", "tokens_per_s", "bound_fraction", "peak_rss_mb", "gen_speedup",
+                "first_answer_s"):
+        assert results[key] > 0, key
+    assert results["baseline"]["padded_tokens"] > results["baseline"]["tokens"]
+    assert results["generation"]["same_answers"] == 4
+    bench.print_table(results)
