@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from instructlm import devices
-from instructlm.encode import collate, encode_examples, length_grouped_batches
+from instructlm.encode import IGNORE_INDEX, collate, encode_examples
 from instructlm.formats import Example
-from instructlm.loss import batch_loss
+from instructlm.loss import batch_loss, shared_prefix_length
 from instructlm.optimize import TrainStep
 from instructlm.templates import parse_template
 
@@ -36,8 +36,36 @@ def test_output_layer_on_labels_only_gives_the_models_own_loss(tiny_tokenizer, e
     assert fast.item() == pytest.approx(full.item(), rel=1e-5)
 
 
+def test_shared_prompt_opening_computed_once_gives_the_same_loss_and_gradients(
+        tiny_tokenizer, encoded):
+    batch = collate(encoded, tiny_tokenizer.pad_token_id)
+    start = shared_prefix_length(batch)
+    opening = tiny_tokenizer("Below is an instruction", add_special_tokens=False)["input_ids"]
+    assert start >= len(opening)  # the seed-en template's opening is shared
+    assert (batch["labels"][:, :start + 1] == IGNORE_INDEX).all()
+    shared = make_tiny_model(tiny_tokenizer)
+    plain = copy.deepcopy(shared)
+    with_sharing = batch_loss(shared, batch, "cpu", "fp32", share_prefix=True)
+    without = batch_loss(plain, batch, "cpu", "fp32", share_prefix=False)
+    with_sharing.backward()
+    without.backward()
+    assert with_sharing.item() == pytest.approx(without.item(), rel=1e-5)
+    for a, b in zip(shared.parameters(), plain.parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6)
+
+
+def test_no_shared_prefix_for_one_row_or_identical_responses(tiny_tokenizer, encoded):
+    pad = tiny_tokenizer.pad_token_id
+    assert shared_prefix_length(collate(encoded[:1], pad)) == 0
+    # Two identical examples share everything, but only the prompt may be skipped.
+    same = collate([encoded[0], encoded[0]], pad)
+    start = shared_prefix_length(same)
+    first_label = int((same["labels"][0] != IGNORE_INDEX).nonzero()[0])
+    assert start == first_label - 1
+
+
 def test_padding_does_not_change_an_examples_loss(tiny_tokenizer, encoded):
-    """Grouping batches by length changes only the padding, which carries no loss."""
+    """Which examples share a batch changes only the padding, which carries no loss."""
     model = make_tiny_model(tiny_tokenizer).eval()
     pad = tiny_tokenizer.pad_token_id
     short = min(encoded, key=lambda e: len(e.input_ids))
@@ -49,18 +77,6 @@ def test_padding_does_not_change_an_examples_loss(tiny_tokenizer, encoded):
     n_short, n_long = short.n_response_tokens, long.n_response_tokens
     mixed = (alone.item() * n_short + long_alone.item() * n_long) / (n_short + n_long)
     assert together.item() == pytest.approx(mixed, rel=1e-4)
-
-
-def test_length_grouped_batches_cover_every_example_once_with_less_padding():
-    lengths = [5, 50, 7, 48, 6, 49, 8, 51, 9, 47, 10, 52, 11, 46, 12, 53]
-    generator = torch.Generator().manual_seed(0)
-    batches = length_grouped_batches(lengths, 4, generator)
-    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
-    assert all(len(b) == 4 for b in batches)
-    padded = sum(4 * max(lengths[i] for i in b) for b in batches)
-    assert padded < 1.2 * sum(lengths)  # random batches of this mix pad ~1.8x
-    again = length_grouped_batches(lengths, 4, torch.Generator().manual_seed(0))
-    assert again == batches  # fixed by the seed
 
 
 def test_sparse_embedding_gradient_equals_the_dense_one(tiny_tokenizer, encoded):

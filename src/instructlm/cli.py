@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from .base import quiet_libraries
 from .errors import InstructlmError
+from .generate import BATCH_SIZE
 
 EPILOG = "Run 'instructlm COMMAND --help' for the options of a command."
 
@@ -277,8 +278,8 @@ def _add_decoding(p: argparse.ArgumentParser) -> None:
                    help="longest answer in tokens (default 200)")
     p.add_argument("--stop", action="append", metavar="TEXT",
                    help="end the answer where TEXT appears (repeatable)")
-    p.add_argument("--batch-size", type=int, default=16,
-                   help="instructions decoded together (default 16)")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE,
+                   help=f"instructions decoded together (default {BATCH_SIZE})")
     p.add_argument("--template", help="for a base model only: how to show the instruction")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow a hub model to run its own Python code")
@@ -339,8 +340,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                    "greedy, beamsN, sampleT (temperature T) (default: greedy)")
     p.add_argument("--max-new-tokens", type=int, default=200,
                    help="longest answer in tokens (default 200)")
-    p.add_argument("--batch-size", type=int, default=16,
-                   help="instructions decoded together (default 16)")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE,
+                   help=f"instructions decoded together (default {BATCH_SIZE})")
     p.add_argument("--json", action="store_true", help="print a JSON list of results")
     p.add_argument("--report", metavar="FILE.html", help="also write an HTML report")
 

@@ -98,20 +98,3 @@ def collate(batch: list[EncodedExample], pad_id: int) -> dict[str, Any]:
         mask[row, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
-
-def length_grouped_batches(lengths: list[int], batch_size: int, generator: Any,
-                           group: int = 4) -> list[list[int]]:
-    """Indices in batches of similar lengths, for one epoch: less padding to compute.
-
-    The examples are shuffled, cut into groups of `group` batches, each group sorted by
-    length and cut into batches, and the batches shuffled, so that an epoch still mixes
-    the examples differently each time (as Hugging Face's group_by_length does).
-    """
-    import torch
-
-    order = torch.randperm(len(lengths), generator=generator).tolist()
-    batches = []
-    for start in range(0, len(order), batch_size * group):
-        chunk = sorted(order[start:start + batch_size * group], key=lambda i: lengths[i])
-        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
-    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]

