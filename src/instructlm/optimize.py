@@ -57,7 +57,12 @@ class TrainStep:
                           self.share_prefix)
         loss.backward()
         if self.master is not None:
-            torch._foreach_copy_([m.grad for m in self.master], [p.grad for p in self.params])
+            for m, p in zip(self.master, self.params, strict=True):
+                if p.grad is None:  # a parameter this batch did not use
+                    m.grad.zero_()
+            used = [(m.grad, p.grad) for m, p in zip(self.master, self.params, strict=True)
+                    if p.grad is not None]
+            torch._foreach_copy_([m for m, _ in used], [g for _, g in used])
         torch.nn.utils.clip_grad_norm_(self.master or self.params, 1.0)
         self.optimizer.step()
         self.scheduler.step()
