@@ -233,7 +233,7 @@ def _run_info(output: Path, settings: TrainSettings, source: str, template: Temp
         "metrics": {
             "final_train_loss": train_losses[-1] if train_losses else None,
             "eval_loss": [r["eval_loss"] for r in losses if "eval_loss" in r],
-            "train_seconds": round(seconds, 1),
+            "train_seconds": round(seconds, 3),
             "train_tokens": sum(r.get("tokens", 0) for r in losses),
             "train_padded_tokens": sum(r.get("padded_tokens", 0) for r in losses),
         },
