@@ -144,3 +144,64 @@ def test_benchmark_runs_on_the_tiny_model(tiny_base, tmp_path):
     assert results["baseline"]["padded_tokens"] > results["baseline"]["tokens"]
     assert results["generation"]["same_answers"] == 4
     bench.print_table(results)
+
+
+def _left_padded(tokenizer, texts):
+    rows = [tokenizer(t)["input_ids"] for t in texts]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def _until_end(tokens: list[int], end: int) -> list[int]:
+    return tokens[:tokens.index(end) + 1] if end in tokens else tokens
+
+
+OPENING = "Below is an instruction that describes a task. Instruction: "
+
+
+@pytest.mark.parametrize("opening", ["", OPENING])
+def test_dropping_finished_answers_gives_generates_greedy_answers(tiny_tokenizer, opening):
+    """Same answers as `generate`, also when the prompts share an opening (run once)."""
+    from transformers import GenerationConfig
+
+    from instructlm.decoding import _shared_prefix_first, decode_dropping_finished
+
+    model = make_tiny_model(tiny_tokenizer).eval()
+    ids, mask = _left_padded(tiny_tokenizer, [
+        opening + t for t in ("Name three fruits.", "Hi", "Tell me a spell.",
+                              "Say hello to everybody here.")])
+    assert bool(_shared_prefix_first(ids, mask)[0]) == bool(opening)
+    width = ids.shape[1]
+    with torch.inference_mode():
+        free = model.generate(input_ids=ids, attention_mask=mask,
+                              generation_config=GenerationConfig(
+                                  max_new_tokens=12, do_sample=False, eos_token_id=[-5],
+                                  pad_token_id=tiny_tokenizer.pad_token_id))[:, width:]
+    end = int(free[0, 3])  # an "end token" that ends row 0 early and others at other steps
+    with torch.inference_mode():
+        expected = model.generate(input_ids=ids, attention_mask=mask,
+                                  generation_config=GenerationConfig(
+                                      max_new_tokens=12, do_sample=False, eos_token_id=[end],
+                                      pad_token_id=tiny_tokenizer.pad_token_id))[:, width:]
+        got = decode_dropping_finished(model, ids, mask, 12, [end])
+    assert [_until_end(row.tolist(), end) for row in expected] == got, end
+    assert len({len(g) for g in got}) > 1  # rows really ended at different steps
+
+
+def test_dropping_finished_answers_samples_reproducibly(tiny_tokenizer):
+    from instructlm.decoding import decode_dropping_finished
+
+    model = make_tiny_model(tiny_tokenizer).eval()
+    ids, mask = _left_padded(tiny_tokenizer, ["Name three fruits.", "Hi"])
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        with torch.inference_mode():
+            runs.append(decode_dropping_finished(model, ids, mask, 8, [-1], sample=True,
+                                                 temperature=0.7, top_p=0.9))
+    assert runs[0] == runs[1] and all(len(r) == 8 for r in runs[0])

