@@ -117,7 +117,7 @@ def test_eval_without_held_out_examples_says_what_it_scores(tmp_path, tiny_base,
 
 
 def test_eval_of_a_base_model_needs_a_file(tiny_base):
-    with pytest.raises(InstructlmError, match="base model, not a run"):
+    with pytest.raises(InstructlmError, match="is not a trained run"):
         eval_set_for(str(tiny_base), None)
 
 

@@ -67,9 +67,10 @@ def eval_set_for(model: str | None, file: str | None) -> EvalSet:
                                 "are scored: this shows memorisation, not generalisation. "
                                 "Pass an instruction file to evaluate on new ones.")
     if file is None:
-        raise InstructlmError(f"{model or 'the embedded model'} is a base model, not a run: "
-                              "there is no data to evaluate on",
-                              hint="pass an instruction file with a '# _EVAL_' part")
+        raise InstructlmError(f"{model or 'the embedded model'} is not a trained run, so it "
+                              "has no examples to evaluate on",
+                              hint="give a run folder made by `instructlm train`, or an "
+                                   "instruction file to evaluate a base model on")
     data = read_instruction_file(file, need_train=False)
     if data.eval:
         return EvalSet(f"{file} (its eval part)", data.eval, taught + data.train + data.eval)
