@@ -186,3 +186,22 @@ def test_score_and_summary():
     assert summary["n_checked"] == 2 and summary["check"] == 0.5
     assert describe_summary(summary).startswith("format 2/3, exact 1/3, stopped 2/3, chrF")
     assert "checks 1/2" in describe_summary(summary)
+
+
+KANGEN = ("Kangen water is alkaline ionized water produced through a process called "
+          "electrolysis. It is also referred to as electrolyzed reduced water.")
+
+
+@pytest.mark.parametrize("answer, same", [
+    ("Kangen water is water that passed through an ionizer, which raises its pH, and many "
+     "people drink it because they believe it is healthier.", True),  # other commas, 1 sentence
+    ("Kangen water is a brand of alkaline water.", False),  # far shorter
+    ("- alkaline\n- ionized\n- made by electrolysis in a machine that splits water into two "
+     "streams", False),  # a list, not a paragraph
+    ("['alkaline', 'ionized', 'electrolysis', 'water', 'reduced', 'machine', 'brand', 'pH', "
+     "'hydrogen', 'health', 'Japan', 'Enagic', 'filter', 'tap', 'bottle']", False),
+    ("Kangen water is alkaline ionized water produced through a process called electrolysis "
+     "and it is also referred to as electrolyzed reduced water", False),  # no closing mark
+])
+def test_long_free_prose_matches_by_its_form(answer, same):
+    assert FormatJudge().match(KANGEN, answer, "What is kangen water?") is same

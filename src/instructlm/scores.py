@@ -18,6 +18,10 @@ content words?". The rule, in three parts:
   75% of a family of three or more is fixed, unless it was taken from the instruction (in
   "Make a command from 'to water the plants'", "the" is content copied from the instruction).
   Fixed words must appear in the answer where the expected answer has them, and nowhere else.
+* **Prose.** An expected answer of 15 words or more without fixed words is free prose: its
+  commas and number of sentences are content. The answer matches if it is prose too, half
+  to twice as long, one paragraph or several like the expected one, ending with a sentence
+  mark if the expected one does.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from .formats import Check, Example
 _TOKEN = re.compile(r"[^\W\d_]+|\d+|[^\w\s]|_")
 _FAMILY_MIN = 3         # a family needs this many distinct answers to have fixed words
 _FIXED_SHARE = 0.75     # ... and a fixed word must be in this share of them
+_PROSE_WORDS = 15       # an expected answer this long, without fixed words, is free prose
 _NOT_A_LITERAL = object()
 
 
@@ -82,6 +87,26 @@ def _fits(expected: Skeleton, answer: Skeleton) -> bool:
         elif e != a:
             return False
     return True
+
+
+def _word_count(shape: Skeleton) -> int:
+    return sum(x.words if isinstance(x, Slot) else x[0].isalpha() for x in shape)
+
+
+def _lines(text: str) -> int:
+    return sum(1 for line in text.strip().splitlines() if line.strip())
+
+
+def _prose_fits(expected: str, answer: str, shape: Skeleton, got: Skeleton) -> bool:
+    """Free prose has the same form when it is prose too: not a literal, about as long (half
+    to twice the words), one paragraph or several like the expected one, and ending the same
+    way (a sentence mark or none). Its commas and sentence count are its content."""
+    if isinstance(parse_literal(answer), (list, tuple, set, frozenset, dict)) or not got:
+        return False
+    words, got_words = _word_count(shape), _word_count(got)
+    ends = [isinstance(x[-1], str) and x[-1] in ".!?" for x in (shape, got)]
+    return (words / 2 <= got_words <= words * 2 and ends[0] == ends[1]
+            and (_lines(expected) > 1) == (_lines(answer) > 1))
 
 
 def parse_literal(text: str) -> Any:
@@ -140,7 +165,10 @@ class FormatJudge:
             got = parse_literal(answer)
             return got is not _NOT_A_LITERAL and _literal_shape(got) == _literal_shape(wanted)
         fixed = self.fixed_words(expected, instruction)
-        return _fits(skeleton(expected, fixed), skeleton(answer, fixed))
+        shape, got_shape = skeleton(expected, fixed), skeleton(answer, fixed)
+        if not fixed and _word_count(shape) >= _PROSE_WORDS:
+            return _prose_fits(expected, answer, shape, got_shape)
+        return _fits(shape, got_shape)
 
 
 def passes_check(check: Check, answer: str) -> bool:
