@@ -92,7 +92,7 @@ def train(file: str | Path, output: str | Path | None = None,
     with staged_run(output, force) as staging:
         started = time.perf_counter()
         losses = fit(model, train_set, eval_set, settings, tokenizer.pad_token_id, device,
-                      precision, report, progress)
+                     precision, report, progress)
         seconds = time.perf_counter() - started
         model.to("cpu")
         closing = closing_answers(Answerer(model, tokenizer, template, output.name), data)
