@@ -36,6 +36,32 @@ def test_output_layer_on_labels_only_gives_the_models_own_loss(tiny_tokenizer, e
     assert fast.item() == pytest.approx(full.item(), rel=1e-5)
 
 
+def _other_architecture(name: str, tokenizer):
+    from transformers import BloomConfig, BloomForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    if name == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2,
+                                          n_head=4, n_positions=512))
+    return BloomForCausalLM(BloomConfig(vocab_size=len(tokenizer), hidden_size=64, n_layer=2,
+                                        n_head=4))
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bloom"])
+def test_fast_loss_and_sparse_embedding_on_other_architectures(tiny_tokenizer, encoded, name):
+    """GPT-2 and BLOOM (the tutorial's family) take the same fast paths, with the same loss."""
+    model = _other_architecture(name, tiny_tokenizer).eval()  # eval: no dropout
+    batch = collate(encoded, tiny_tokenizer.pad_token_id)
+    full = batch_loss(model, batch, "cpu", "fp32", labels_only=False)
+    fast = batch_loss(model, batch, "cpu", "fp32")
+    assert fast.item() == pytest.approx(full.item(), rel=1e-5)
+    step = TrainStep(model, 3e-3, 0.0, 0.0, 100, "cpu", "fp32")
+    assert step.sparse_embedding  # both tie the embedding to the output layer
+    losses = [step(batch) for _ in range(10)]
+    step.finish()
+    assert losses[-1] < 0.7 * losses[0]  # it learns
+
+
 def test_shared_prompt_opening_computed_once_gives_the_same_loss_and_gradients(
         tiny_tokenizer, encoded):
     batch = collate(encoded, tiny_tokenizer.pad_token_id)
