@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .evaluate import EvalResult
+from .scores import fraction
 
 YES, NO = "✓", "✗"
 
@@ -35,11 +36,6 @@ def text_table(headers: Sequence[str], rows: Sequence[Sequence[str]],
     return "\n".join(lines)
 
 
-def _share(summary: dict[str, Any], key: str, of: str = "n") -> str:
-    n = summary[of]
-    return "" if summary.get(key) is None or not n else f"{round(summary[key] * n)}/{n}"
-
-
 def summary_rows(results: list[EvalResult]) -> tuple[list[str], list[list[Any]]]:
     """One row per model and decoding: the shares and means."""
     checked = any(r.summary.get("n_checked") for r in results)
@@ -49,9 +45,9 @@ def summary_rows(results: list[EvalResult]) -> tuple[list[str], list[list[Any]]]
     rows = []
     for r in results:
         s = r.summary
-        row = [r.model, r.decode, _share(s, "format"), _share(s, "exact"), _share(s, "stopped"),
-               f"{s['chrf']:.1f}"]
-        row += [_share(s, "check", "n_checked")] if checked else []
+        row = [r.model, r.decode, fraction(s, "format"), fraction(s, "exact"),
+               fraction(s, "stopped"), f"{s['chrf']:.1f}"]
+        row += [fraction(s, "check", "n_checked")] if checked else []
         row += ["" if r.eval_loss is None else f"{r.eval_loss:.3f}", f"{r.seconds:.1f}"]
         rows.append(row)
     return headers, rows

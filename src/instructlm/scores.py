@@ -229,17 +229,18 @@ def summarize(scores: list[Score]) -> dict[str, Any]:
             "check": share(checked), "n_checked": len(checked)}
 
 
+def fraction(summary: dict[str, Any], key: str, of: str = "n") -> str:
+    """A share of a summary as a count, '5/6'; empty where there is nothing to count."""
+    n = summary[of]
+    return "" if summary.get(key) is None or not n else f"{round(summary[key] * n)}/{n}"
+
+
 def describe_summary(summary: dict[str, Any]) -> str:
     """One line for people: 'format 5/6, exact 1/6, stopped 6/6, chrF 71.2'."""
-    n = summary["n"]
-    if not n:
+    if not summary["n"]:
         return "no examples"
-
-    def count(key: str, of: int) -> str:
-        return f"{round(summary[key] * of)}/{of}"
-
-    parts = [f"format {count('format', n)}", f"exact {count('exact', n)}",
-             f"stopped {count('stopped', n)}", f"chrF {summary['chrf']:.1f}"]
+    parts = [f"format {fraction(summary, 'format')}", f"exact {fraction(summary, 'exact')}",
+             f"stopped {fraction(summary, 'stopped')}", f"chrF {summary['chrf']:.1f}"]
     if summary.get("n_checked"):
-        parts.append(f"checks {count('check', summary['n_checked'])}")
+        parts.append(f"checks {fraction(summary, 'check', 'n_checked')}")
     return ", ".join(parts)
