@@ -11,17 +11,15 @@ import random
 import re
 import time
 from pathlib import Path
-from typing import Callable
 
 from .errors import InstructlmError
-from .evaluate import EvalResult, EvalSet, evaluate
+from .evaluate import EvalResult, EvalSet, Report, evaluate
 from .formats import EVAL_MARKER, Example, read_instruction_file
 from .generate import Answerer, DecodeSettings
 from .scores import describe_summary
 from .train import (TrainSettings, encode_reporting, fit, load_for_training,
                     load_tokenizer_and_template)
 
-Report = Callable[[str], None]
 
 
 def family(example: Example, words: int = 2) -> str:

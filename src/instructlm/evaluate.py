@@ -20,7 +20,7 @@ from .runs import is_run, read_run_examples, read_run_info
 from .scores import FormatJudge, score_answer, summarize
 from .templates import Template
 
-Report = Callable[[str], None]
+Report = Callable[[str], None]  # where progress and warnings are said
 
 
 @dataclass

@@ -11,14 +11,14 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from . import __version__
 from .base import EMBEDDED, EMBEDDED_NAME, load_model, load_tokenizer, resolve_base
 from .devices import PRECISIONS, pick_device, resolve_precision
 from .encode import EncodedExample, collate, encode_examples
 from .errors import InstructlmError
-from .evaluate import EvalResult, EvalSet, evaluate
+from .evaluate import EvalResult, EvalSet, Report, evaluate
 from .formats import Example, InstructionSet, read_instruction_file
 from .generate import Answerer
 from .loss import mean_loss
@@ -28,7 +28,6 @@ from .runs import (DATA_FILE, LOSS_FILE, RUN_FILE, check_output, model_card, sta
 from .scores import describe_summary
 from .templates import Template, choose_template
 
-Report = Callable[[str], None]
 
 
 @dataclass(frozen=True)
