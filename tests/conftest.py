@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Iterator
 
 import pytest
 
@@ -18,6 +22,49 @@ CORPUS = [
     "Name three fruits. Apple, banana, cherry. Say hello. Hello! Tell me a spell. Hocus Pocus",
     "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 #'[],.!?\"äöüßÄÖÜ",
 ]
+
+
+TINY_FILE = """\
+# three short facts the tiny model can memorise
+Say hello.#Hello!
+Name three fruits.#Apple, banana, cherry
+Tell me a spell.#Hocus Pocus!
+# _EVAL_
+Name three fruits.#Apple, banana, cherry
+"""
+
+
+def tiny_settings(base: Path, **changes):
+    """Training settings under which the tiny model memorises TINY_FILE in seconds."""
+    from instructlm.train import TrainSettings
+
+    values = dict(base=str(base), template="seed-en", epochs=60, lr=3e-3, batch_size=3,
+                  warmup_ratio=0.05, seed=0)
+    values.update(changes)
+    return TrainSettings(**values)
+
+
+@contextmanager
+def running_server(app: Any) -> Iterator[str]:
+    """Serve an ASGI app with uvicorn on a free local port, in a thread; yield its URL."""
+    import uvicorn
+
+    from instructlm.serve import listen
+
+    sock = listen("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
 
 
 def make_tiny_tokenizer():

@@ -10,26 +10,13 @@ import pytest
 from instructlm.errors import InstructlmError
 from instructlm.generate import DecodeSettings, load_answerer
 from instructlm.runs import RUN_FILE
-from instructlm.train import TrainSettings, train
+from instructlm.train import train
 
-TINY_FILE = """\
-# three short facts the tiny model can memorise
-Say hello.#Hello!
-Name three fruits.#Apple, banana, cherry
-Tell me a spell.#Hocus Pocus!
-# _EVAL_
-Name three fruits.#Apple, banana, cherry
-"""
+from conftest import TINY_FILE, tiny_settings
+
 RUN_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
              "tokenizer_config.json", "chat_template.jinja", RUN_FILE, "losses.jsonl",
              "data.jsonl", "README.md"}
-
-
-def tiny_settings(base: Path, **changes) -> TrainSettings:
-    values = dict(base=str(base), template="seed-en", epochs=60, lr=3e-3, batch_size=3,
-                  warmup_ratio=0.05, seed=0)
-    values.update(changes)
-    return TrainSettings(**values)
 
 
 @pytest.fixture(scope="module")

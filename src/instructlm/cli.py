@@ -232,6 +232,44 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- serve ----------------------------------------------------------------------------------
+
+API_KEY_ENV = "INSTRUCTLM_API_KEY"
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve a run over OpenAI's HTTP API, with a web page to try it in a browser."""
+    import os
+
+    from .generate import load_answerer, load_untuned_base
+    from .runs import is_run
+    from .serve import ServeSettings, create_app, listen, run_server
+
+    quiet_libraries()
+    if args.compare_base and not is_run(args.run):
+        raise InstructlmError(f"{args.run} is not a trained run: --compare-base shows a run "
+                              "beside its untuned base model")
+    if args.max_tokens < 1 or args.max_prompt_tokens < 1:
+        raise InstructlmError("--max-tokens and --max-prompt-tokens must be at least 1")
+    key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    sock = listen(args.host, args.port)
+    models = {}
+    tuned = load_answerer(args.run, None, args.trust_remote_code)
+    models[tuned.name] = tuned
+    if args.compare_base:
+        models[f"{tuned.name}:base"] = load_untuned_base(args.run, args.trust_remote_code)
+    app = create_app(models, ServeSettings(args.max_tokens, args.max_prompt_tokens, key))
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    url = f"http://{host}:{sock.getsockname()[1]}"
+    _say(f"Serving {', '.join(models)}: the web page at {url}/ and OpenAI's API at {url}/v1"
+         + (" (API key required)" if key else ""))
+    if key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        _say(f"warning: listening on {args.host} without an API key: anyone who can reach "
+             f"this machine can use the model (set --api-key or ${API_KEY_ENV})")
+    run_server(app, sock)
+    return 0
+
+
 # --- wiring ---------------------------------------------------------------------------------
 
 def _say(message: str, err: bool = False) -> None:
@@ -295,7 +333,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     commands: dict[str, Callable[[argparse.Namespace], int]] = {
         "train": cmd_train, "ask": cmd_ask, "eval": cmd_eval, "compare": cmd_compare,
-        "curve": cmd_curve, "inspect": cmd_inspect}
+        "curve": cmd_curve, "inspect": cmd_inspect, "serve": cmd_serve}
 
     parsers: dict[str, argparse.ArgumentParser] = {}
 
@@ -355,6 +393,22 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                    help="longest answer in tokens (default 200)")
     p.add_argument("--json", action="store_true", help="print the points as JSON")
     _add_training(p)
+
+    p = add("serve")
+    p.add_argument("run", help="a trained run folder (or a base model, untuned)")
+    p.add_argument("--compare-base", action="store_true",
+                   help="also serve the run's untuned base model, shown beside it on the page")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free)")
+    p.add_argument("--api-key", help=f"require this key as 'Authorization: Bearer KEY' "
+                                     f"(default: ${API_KEY_ENV}, else none)")
+    p.add_argument("--max-tokens", type=int, default=256,
+                   help="most new tokens of one answer, and the default (default 256)")
+    p.add_argument("--max-prompt-tokens", type=int, default=2048,
+                   help="longest prompt accepted, in tokens (default 2048)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a hub model to run its own Python code")
 
     p = add("inspect")
     p.add_argument("file", help="instruction file to check")

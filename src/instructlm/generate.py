@@ -74,32 +74,46 @@ class Answerer:
             examples = [Example(x, "") if isinstance(x, str) else x for x in batch]
             yield from self._answer_batch(examples, decode)
 
+    def prompt_ids(self, example: Example) -> list[int]:
+        """The token ids the model sees before it answers `example`."""
+        return encode_prompt(render_prompt(self.template, example, self.tokenizer),
+                             self.tokenizer, self.template)
+
     def answer_streaming(self, item: str | Example, decode: DecodeSettings,
-                         on_text: Callable[[str], None]) -> Answer:
+                         on_text: Callable[[str], None],
+                         should_stop: Callable[[], bool] | None = None) -> Answer:
         """Answer one instruction, passing the text to `on_text` as it is generated.
 
         Greedy or sampled decoding without stop texts (beam search cannot stream: its best
-        beam is known only at the end); the whole Answer is returned at the end.
+        beam is known only at the end); the whole Answer is returned at the end. Decoding
+        ends early once `should_stop()` is true (a client went away, a stop text appeared).
         """
-        from transformers import TextStreamer
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
         class Streamer(TextStreamer):
             def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
                 if text:
                     on_text(text)
 
+        class Asked(StoppingCriteria):
+            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+                import torch
+
+                return torch.full((input_ids.shape[0],), bool(should_stop and should_stop()),
+                                  dtype=torch.bool, device=input_ids.device)
+
         example = Example(item, "") if isinstance(item, str) else item
         streamer = Streamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        return self._answer_batch([example], decode, streamer)[0]
+        return self._answer_batch([example], decode, streamer,
+                                  StoppingCriteriaList([Asked()]) if should_stop else None)[0]
 
     def _answer_batch(self, examples: list[Example], decode: DecodeSettings,
-                      streamer: Any = None) -> list[Answer]:
+                      streamer: Any = None, stopping: Any = None) -> list[Answer]:
         import torch
         from transformers import GenerationConfig
 
         tok = self.tokenizer
-        prompts = [encode_prompt(render_prompt(self.template, ex, tok), tok, self.template)
-                   for ex in examples]
+        prompts = [self.prompt_ids(ex) for ex in examples]
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -129,6 +143,7 @@ class Answerer:
                 out = self.model.generate(input_ids=ids.to(device),
                                           attention_mask=mask.to(device),
                                           generation_config=config, streamer=streamer,
+                                          stopping_criteria=stopping,
                                           tokenizer=tok if decode.stop else None)
             new = [row[width:].tolist() for row in out]
         return [self._finish(ex, tokens, eos_ids, decode)
@@ -166,6 +181,20 @@ def load_answerer(spec: str | None, template: str | Template | None = None,
                                   "with the template it was trained with")
         return Answerer(load_model(spec), load_tokenizer(spec),
                         Template.from_dict(info["template"]), Path(spec).name)
+    return _load_base(spec, template, trust_remote_code)
+
+
+def load_untuned_base(run: str, trust_remote_code: bool = False) -> Answerer:
+    """A run's base model before tuning, asked with the run's template (for comparisons)."""
+    info = read_run_info(run)
+    answerer = _load_base(info["base"]["spec"], Template.from_dict(info["template"]),
+                          trust_remote_code)
+    answerer.name = f"{info['base']['name']} (untuned)"
+    return answerer
+
+
+def _load_base(spec: str | None, template: str | Template | None,
+               trust_remote_code: bool) -> Answerer:
     source = resolve_base(spec)
     tokenizer = load_tokenizer(source, trust_remote_code)
     chosen = template if isinstance(template, Template) else choose_template(template, tokenizer)

@@ -1,0 +1,50 @@
+"""Streamed text cut the way a whole answer is: at the first stop text, and stripped.
+
+A streamed piece that might be the start of a stop text, or trailing whitespace, is held
+back until the following text shows what it is; so the pieces put together are exactly the
+answer a non-streamed request gets.
+"""
+
+from __future__ import annotations
+
+
+class TextCutter:
+    def __init__(self, stops: tuple[str, ...] = ()) -> None:
+        self.stops = tuple(s for s in stops if s)
+        self.pending = ""
+        self.started = False  # has any text been let through yet?
+        self.stopped = False  # has a stop text appeared?
+
+    def feed(self, text: str) -> str:
+        """The part of the text seen so far that can be shown now."""
+        if self.stopped:
+            return ""
+        self.pending += text
+        hits = [self.pending.find(s) for s in self.stops if s in self.pending]
+        if hits:
+            self.stopped = True
+            out, self.pending = self.pending[:min(hits)].rstrip(), ""
+            return self._lead(out)
+        held = max([len(self.pending) - len(self.pending.rstrip()),
+                    *(self._stop_prefix(s) for s in self.stops)])
+        cut = len(self.pending) - held
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return self._lead(out)
+
+    def finish(self) -> str:
+        """What was held back, once the answer has ended without a stop text."""
+        out, self.pending = self.pending.rstrip(), ""
+        return self._lead(out)
+
+    def _stop_prefix(self, stop: str) -> int:
+        """The length of the longest end of the pending text that begins `stop`."""
+        for n in range(min(len(stop) - 1, len(self.pending)), 0, -1):
+            if self.pending.endswith(stop[:n]):
+                return n
+        return 0
+
+    def _lead(self, out: str) -> str:
+        if not self.started:  # an answer does not begin with whitespace
+            out = out.lstrip()
+            self.started = bool(out)
+        return out

@@ -1,0 +1,304 @@
+"""serve: OpenAI's API on a tiny trained run, checked with the official openai client."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+from instructlm.cli import main
+from instructlm.generate import Answerer, load_answerer, load_untuned_base
+from instructlm.serve import ServeSettings, create_app, listen
+from instructlm.train import train
+
+from conftest import TINY_FILE, running_server, tiny_settings
+
+openai = pytest.importorskip("openai")
+from openai.types import Completion  # noqa: E402
+from openai.types.chat import ChatCompletion, ChatCompletionChunk  # noqa: E402
+
+LIMITS = ServeSettings(max_tokens=24, max_prompt_tokens=200)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_base) -> Path:
+    folder = tmp_path_factory.mktemp("serve")
+    (folder / "facts.txt").write_text(TINY_FILE, encoding="utf-8")
+    return train(folder / "facts.txt", folder / "facts", tiny_settings(tiny_base),
+                 report=lambda m: None, progress=False)
+
+
+@pytest.fixture(scope="module")
+def models(run) -> dict[str, Answerer]:
+    return {"facts": load_answerer(str(run)), "facts:base": load_untuned_base(str(run))}
+
+
+@pytest.fixture(scope="module")
+def url(models) -> str:
+    with running_server(create_app(models, LIMITS)) as address:
+        yield address
+
+
+@pytest.fixture
+def client(url):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+
+def post(url: str, path: str, body: bytes | str | dict, headers: dict | None = None,
+         ) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else (
+        body.encode() if isinstance(body, str) else json.dumps(body).encode())
+    request = urllib.request.Request(f"{url}{path}", data=data, method="POST", headers={
+        "Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+# --- the official client, its own types -----------------------------------------------------
+
+def test_models_are_listed(client):
+    assert [m.id for m in client.models.list()] == ["facts", "facts:base"]
+    assert client.models.retrieve("facts:base").id == "facts:base"
+
+
+def test_chat_answers_what_the_run_learned_and_stops(client):
+    reply = client.chat.completions.create(
+        model="facts", messages=[{"role": "system", "content": "Be brief."},
+                                 {"role": "user", "content": "Say hello."}])
+    ChatCompletion.model_validate(reply.model_dump())
+    assert reply.choices[0].message.content == "Hello!"
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.usage.completion_tokens >= 1
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_the_untuned_base_answers_otherwise(client):
+    reply = client.chat.completions.create(
+        model="facts:base", messages=[{"role": "user", "content": "Say hello."}])
+    assert reply.model == "facts:base"
+    assert reply.choices[0].message.content != "Hello!"
+
+
+def test_chat_stream_chunks_are_valid_and_add_up_to_the_answer(client):
+    request = dict(model="facts", messages=[{"role": "user", "content": "Name three fruits."}])
+    whole = client.chat.completions.create(**request).choices[0].message.content
+    chunks = list(client.chat.completions.create(**request, stream=True,
+                                                 stream_options={"include_usage": True}))
+    for chunk in chunks:
+        ChatCompletionChunk.model_validate(chunk.model_dump())
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole == "Apple, banana, cherry"
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == "stop" and set(finishes[:-1]) == {None}
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 1
+
+
+def test_completions_apply_the_runs_template(client):
+    reply = client.completions.create(model="facts", prompt="Tell me a spell.")
+    Completion.model_validate(reply.model_dump())
+    assert reply.choices[0].text == "Hocus Pocus!"
+    assert reply.choices[0].finish_reason == "stop"
+    streamed = list(client.completions.create(model="facts", prompt="Tell me a spell.",
+                                              stream=True))
+    for chunk in streamed:
+        validate_completion_chunk(chunk.model_dump())
+    assert "".join(c.choices[0].text for c in streamed) == "Hocus Pocus!"
+    assert streamed[-1].choices[0].finish_reason == "stop"
+
+
+def validate_completion_chunk(chunk: dict) -> None:
+    """The client's Completion type, except that an unfinished choice's finish_reason is null:
+    OpenAI's API sends null there, though the client's type does not allow it (a known gap
+    between OpenAI's SDK types and its API)."""
+    unfinished = [c for c in chunk["choices"] if c["finish_reason"] is None]
+    assert all(c["text"] for c in unfinished)
+    Completion.model_validate({**chunk, "choices": [
+        {**c, "finish_reason": c["finish_reason"] or "stop"} for c in chunk["choices"]]})
+
+
+def test_several_prompts_and_choices_come_back_in_order(client):
+    reply = client.completions.create(model="facts", prompt=["Say hello.", "Tell me a spell."],
+                                      n=2, temperature=0.5, seed=3)
+    assert [c.index for c in reply.choices] == [0, 1, 2, 3]
+    assert all(c.finish_reason in ("stop", "length") for c in reply.choices)
+
+
+def test_max_tokens_and_stop_texts(client):
+    cut = client.chat.completions.create(
+        model="facts", max_tokens=1, messages=[{"role": "user", "content": "Name three fruits."}])
+    assert cut.choices[0].finish_reason == "length" and cut.usage.completion_tokens == 1
+    request = dict(model="facts", stop=[", b"], messages=[
+        {"role": "user", "content": "Name three fruits."}])
+    stopped = client.chat.completions.create(**request)
+    assert stopped.choices[0].message.content == "Apple"
+    assert stopped.choices[0].finish_reason == "stop"
+    chunks = list(client.chat.completions.create(**request, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Apple"
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_max_tokens_above_the_servers_limit_are_capped(client):
+    reply = client.chat.completions.create(
+        model="facts:base", max_tokens=10_000, messages=[{"role": "user", "content": "Hi"}])
+    assert reply.usage.completion_tokens <= LIMITS.max_tokens
+
+
+# --- refusals -------------------------------------------------------------------------------
+
+BAD_MESSAGES = [
+    None, "Say hello.", 42, [], [None], ["Say hello."], [42], [{}],
+    [{"role": "user"}], [{"content": "Say hello."}], [{"role": "robot", "content": "Hi"}],
+    [{"role": 1, "content": "Hi"}], [{"role": "user", "content": None}],
+    [{"role": "user", "content": 5}], [{"role": "user", "content": {"text": "Hi"}}],
+    [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+    [{"role": "user", "content": [{"type": "text"}]}],
+    [{"role": "assistant", "content": "Only the assistant speaks."}],
+    [{"role": "system", "content": "No question."}],
+]
+
+
+@pytest.mark.parametrize("messages", BAD_MESSAGES, ids=lambda m: json.dumps(m)[:40])
+def test_malformed_messages_get_a_400_in_openais_shape(url, messages):
+    status, body = post(url, "/v1/chat/completions", {"model": "facts", "messages": messages})
+    assert status == 400, body
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["type"] == "invalid_request_error"
+    assert body["error"]["param"].startswith("messages")
+
+
+@pytest.mark.parametrize("body, param", [
+    ("{not json", None),
+    ("[1, 2]", None),
+    ('"Say hello."', None),
+    ({"prompt": "Hi", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "Hi", "max_tokens": "many"}, "max_tokens"),
+    ({"prompt": "Hi", "temperature": -1}, "temperature"),
+    ({"prompt": "Hi", "top_p": 0}, "top_p"),
+    ({"prompt": "Hi", "n": 0}, "n"),
+    ({"prompt": "Hi", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"prompt": [1, 2, 3]}, "prompt"),
+    ({"prompt": []}, "prompt"),
+    ({}, "prompt"),
+    ({"prompt": "Hi", "logprobs": 3}, "logprobs"),
+    ({"prompt": "Hi", "echo": True}, "echo"),
+    ({"prompt": "Hi " * 5000}, "prompt"),
+    ({"prompt": "Hi " * 300}, "prompt"),
+])
+def test_bad_completion_requests_get_a_400(url, body, param):
+    status, reply = post(url, "/v1/completions", body)
+    assert status == 400, reply
+    assert reply["error"]["param"] == param
+    assert reply["error"]["message"]
+
+
+def test_prompts_over_the_limit_are_named_as_such(url):
+    status, reply = post(url, "/v1/completions", {"prompt": "Hi " * 300})
+    assert status == 400 and reply["error"]["code"] == "context_length_exceeded"
+
+
+def test_unknown_model_and_path_get_404s(url, client):
+    status, reply = post(url, "/v1/completions", {"model": "gpt-4", "prompt": "Hi"})
+    assert status == 404 and reply["error"]["code"] == "model_not_found"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+    status, reply = post(url, "/v1/embeddings", {"input": "Hi"})
+    assert status == 404 and "error" in reply
+
+
+def test_the_api_key_is_required_when_set(models):
+    with running_server(create_app(models, ServeSettings(api_key="sesame"))) as url:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sesame2"}):
+            status, reply = post(url, "/v1/completions", {"prompt": "Say hello."}, headers)
+            assert status == 401
+            assert reply["error"]["type"] == "authentication_error"
+        wrong = openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            wrong.models.list()
+        right = openai.OpenAI(base_url=f"{url}/v1", api_key="sesame", max_retries=0)
+        assert right.completions.create(model="facts", prompt="Say hello.").choices[0].text \
+            == "Hello!"
+        with urllib.request.urlopen(f"{url}/") as page:  # the page itself is public
+            assert page.status == 200
+
+
+# --- many clients ---------------------------------------------------------------------------
+
+def test_concurrent_requests_each_get_their_own_answer(url):
+    asked = ["Say hello.", "Name three fruits.", "Tell me a spell."] * 3
+    expected = {"Say hello.": "Hello!", "Name three fruits.": "Apple, banana, cherry",
+                "Tell me a spell.": "Hocus Pocus!"}
+
+    def ask(i: int) -> tuple[str, str]:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        request = dict(model="facts", messages=[{"role": "user", "content": asked[i]}])
+        if i % 2:  # streamed and whole answers mixed
+            chunks = client.chat.completions.create(**request, stream=True)
+            return asked[i], "".join(c.choices[0].delta.content or "" for c in chunks)
+        return asked[i], client.chat.completions.create(**request).choices[0].message.content
+
+    with ThreadPoolExecutor(len(asked)) as pool:
+        results = list(pool.map(ask, range(len(asked))))
+    assert results == [(q, expected[q]) for q in asked]
+
+
+class EndlessAnswerer(Answerer):
+    """Writes until asked to stop, so the test sees whether a disconnect stops decoding."""
+
+    def __init__(self, real: Answerer) -> None:
+        super().__init__(real.model, real.tokenizer, real.template, real.name)
+        self.stopped = threading.Event()
+
+    def answer_streaming(self, item, decode, on_text, should_stop=None):
+        from instructlm.generate import Answer
+
+        for n in range(100_000):
+            if should_stop():
+                self.stopped.set()
+                return Answer(str(item), "", "stop", n)
+            on_text("word ")
+            time.sleep(0.005)
+        raise AssertionError("decoding was never asked to stop")
+
+
+def test_a_client_leaving_mid_stream_stops_decoding_and_the_server_goes_on(models):
+    endless = EndlessAnswerer(models["facts"])
+    app = create_app({"facts": endless, "real": models["facts"]}, LIMITS)
+    with running_server(app) as url:
+        address = urlparse(url)
+        connection = http.client.HTTPConnection(address.hostname, address.port, timeout=30)
+        connection.request("POST", "/v1/chat/completions", json.dumps(
+            {"model": "facts", "stream": True, "messages": [{"role": "user", "content": "Go"}]}),
+            {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        assert response.status == 200
+        assert response.readline().startswith(b"data: ")
+        connection.close()  # the client goes away mid-stream
+        assert endless.stopped.wait(timeout=10)
+        status, reply = post(url, "/v1/completions", {"model": "real", "prompt": "Say hello."})
+        assert status == 200 and reply["choices"][0]["text"] == "Hello!"
+
+
+# --- the command ----------------------------------------------------------------------------
+
+def test_serve_refuses_a_busy_port_and_compare_base_without_a_run(run, tiny_base, capsys):
+    sock = listen("127.0.0.1", 0)
+    try:
+        port = str(sock.getsockname()[1])
+        assert main(["serve", str(run), "--port", port]) == 2
+        assert "cannot listen" in capsys.readouterr().err
+    finally:
+        sock.close()
+    assert main(["serve", str(tiny_base), "--compare-base"]) == 2
+    assert "not a trained run" in capsys.readouterr().err
