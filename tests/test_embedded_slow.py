@@ -84,3 +84,33 @@ def test_tuned_run_scores_far_above_the_untuned_base(spells_run, tmp_path):
         for row in result["examples"]:
             assert row["format"] == follows_taught_format(row["instruction"], row["answer"]), row
     assert report.read_text(encoding="utf-8").count("<tr>") == 2 + 1 + 2 * (6 + 1)
+
+
+@pytest.mark.slow
+def test_served_run_answers_in_the_taught_format_beside_its_untuned_base(spells_run, tmp_path):
+    """`instructlm serve RUN --compare-base`, as a user starts it, asked with OpenAI's client."""
+    openai = pytest.importorskip("openai")
+    log = (tmp_path / "serve.log").open("w")
+    server = subprocess.Popen([sys.executable, "-m", "instructlm", "serve", str(spells_run),
+                               "--compare-base", "--port", "0"],
+                              stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+        banner = server.stdout.readline()
+        url = re.search(r"OpenAI's API at (http://\S+)", banner).group(1)
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
+        assert [m.id for m in client.models.list()] == ["spells", "spells:base"]
+        for instruction in ("Tell me a spell about three spices.", "Name three vehicles."):
+            messages = [{"role": "user", "content": instruction}]
+            tuned = client.chat.completions.create(model="spells", messages=messages)
+            answer = tuned.choices[0].message.content
+            assert follows_taught_format(instruction, answer), answer
+            assert tuned.choices[0].finish_reason == "stop"
+            chunks = client.chat.completions.create(model="spells", messages=messages,
+                                                    stream=True)
+            assert "".join(c.choices[0].delta.content or "" for c in chunks) == answer
+            base = client.chat.completions.create(model="spells:base", messages=messages)
+            assert not follows_taught_format(instruction, base.choices[0].message.content)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -149,6 +151,16 @@ def test_max_tokens_and_stop_texts(client):
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
+def test_without_a_user_message_the_last_message_is_the_instruction(client):
+    reply = client.chat.completions.create(
+        model="facts", messages=[{"role": "system", "content": "Say hello."}])
+    assert reply.choices[0].message.content == "Hello!"
+    reply = client.chat.completions.create(model="facts", messages=[
+        {"role": "user", "content": "Tell me a spell."},
+        {"role": "assistant", "content": "Hocus"}])  # the last user message is the question
+    assert reply.choices[0].message.content == "Hocus Pocus!"
+
+
 def test_max_tokens_above_the_servers_limit_are_capped(client):
     reply = client.chat.completions.create(
         model="facts:base", max_tokens=10_000, messages=[{"role": "user", "content": "Hi"}])
@@ -164,8 +176,7 @@ BAD_MESSAGES = [
     [{"role": "user", "content": 5}], [{"role": "user", "content": {"text": "Hi"}}],
     [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
     [{"role": "user", "content": [{"type": "text"}]}],
-    [{"role": "assistant", "content": "Only the assistant speaks."}],
-    [{"role": "system", "content": "No question."}],
+    [{"role": "user", "content": "Hi", "name": 3}],
 ]
 
 
@@ -193,6 +204,7 @@ def test_malformed_messages_get_a_400_in_openais_shape(url, messages):
     ({}, "prompt"),
     ({"prompt": "Hi", "logprobs": 3}, "logprobs"),
     ({"prompt": "Hi", "echo": True}, "echo"),
+    ({"prompt": "Hi", "best_of": 2}, "best_of"),
     ({"prompt": "Hi " * 5000}, "prompt"),
     ({"prompt": "Hi " * 300}, "prompt"),
 ])
@@ -231,6 +243,20 @@ def test_the_api_key_is_required_when_set(models):
             == "Hello!"
         with urllib.request.urlopen(f"{url}/") as page:  # the page itself is public
             assert page.status == 200
+
+
+def test_schemathesis_finds_no_server_error_nor_schema_breach(url):
+    """Requests generated from the server's own OpenAPI schema, valid and invalid ones, 50 or
+    more per operation. Every check but one: a schema-valid request may still be refused,
+    since the server's prompt limit is in tokens, which a JSON schema cannot state."""
+    cli = Path(sys.executable).with_name("schemathesis")
+    result = subprocess.run(
+        [str(cli), "run", f"{url}/openapi.json", "--mode", "all", "--max-examples", "50",
+         "--checks", "all", "--exclude-checks", "positive_data_acceptance",
+         "--generation-database", "none", "--no-color"],
+        capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-6000:]
+    assert "Selected: 4/4" in result.stdout
 
 
 # --- many clients ---------------------------------------------------------------------------

@@ -3,24 +3,36 @@
 They are what FastAPI validates requests against and what it publishes at /openapi.json.
 Fields that OpenAI clients commonly send but a local model cannot honour (tools, response
 formats, penalties) are accepted and ignored, as other OpenAI-compatible servers do; those
-whose absence would change what the client reads (logprobs, echo, best_of) are refused.
+that would change what the client reads (logprobs, echo, best_of) are refused unless off.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 MAX_CHOICES = 8  # `n`: answers per prompt
 MAX_PROMPTS = 8  # prompts in one completions request
 MAX_STOPS = 4  # OpenAI's own limit
+# Requests are validated strictly, as their JSON schema reads: "2" is not a number, 1 is not
+# true. Fields OpenAI's clients send that a local model cannot honour are ignored.
+REQUEST = ConfigDict(strict=True, extra="ignore")
+
+
+def exactly(allowed: object) -> BeforeValidator:
+    """Only `allowed` (or null), of its own type: 0 is not false here, as in JSON."""
+    def check(value: Any) -> Any:
+        if value is None or (type(value) is type(allowed) and value == allowed):
+            return value
+        raise ValueError(f"this server supports only {str(allowed).lower()} or null here")
+    return BeforeValidator(check)
 
 
 class Sampling(BaseModel):
     """What both endpoints share. A missing or zero temperature means greedy decoding."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST
 
     model: str | None = Field(None, description="A served model's id; the tuned run when "
                                                 "missing (GET /v1/models lists them).")
@@ -32,7 +44,6 @@ class Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     stop: str | Annotated[list[str], Field(max_length=MAX_STOPS)] | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
-    logprobs: bool | int | None = Field(None, description="Not supported: must be unset.")
 
     def stops(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
@@ -40,22 +51,27 @@ class Sampling(BaseModel):
 
 
 class StreamOptions(BaseModel):
+    model_config = REQUEST
     include_usage: bool = False
 
 
 class CompletionRequest(Sampling):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)] = Field(
         description="The instruction; the run's template is applied to it, as in training.")
-    echo: bool = Field(False, description="Not supported: must be false.")
-    best_of: int | None = Field(None, description="Not supported: must be unset.")
+    # Not supported, and refused rather than ignored: a client asking for them reads them.
+    echo: Annotated[Literal[False], exactly(False)] = False
+    best_of: Annotated[Literal[1] | None, exactly(1)] = None
+    logprobs: Annotated[Literal[0] | None, exactly(0)] = None
 
 
 class TextPart(BaseModel):
+    model_config = REQUEST
     type: Literal["text"]
     text: str
 
 
 class Message(BaseModel):
+    model_config = REQUEST
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
     name: str | None = None
@@ -69,6 +85,7 @@ class Message(BaseModel):
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="Same as max_tokens.")
+    logprobs: Annotated[Literal[False] | None, exactly(False)] = None  # not supported
 
 
 # --- responses ------------------------------------------------------------------------------

@@ -102,8 +102,6 @@ class Models:
         if name not in self.models:
             raise ApiError(404, f"The model '{name}' does not exist; this server has "
                                 f"{', '.join(self.models)}", "model", "model_not_found")
-        if request.logprobs:
-            raise ApiError(400, "logprobs are not supported by this server", "logprobs")
         answerer = self.models[name]
         lengths = [self._prompt_length(answerer, ex, param) for ex in examples]
         room = _context_size(answerer) - max(lengths)
@@ -113,7 +111,9 @@ class Models:
             raise ApiError(400, f"the prompt leaves no room for an answer in the model's "
                                 f"{_context_size(answerer)} positions", param,
                            "context_length_exceeded")
-        temperature = request.temperature or 0.0
+        # Below this, sampling is greedy decoding in all but name, and dividing the logits
+        # by the temperature would overflow.
+        temperature = request.temperature if (request.temperature or 0) >= 1e-3 else 0.0
         seed = request.seed if request.seed is not None else secrets.randbits(32)
         decode = DecodeSettings(max_new_tokens=limit, sample=temperature > 0,
                                 temperature=temperature or 1.0, top_p=request.top_p or 1.0,
@@ -202,31 +202,22 @@ def _context_size(answerer: Answerer) -> int:
 # --- requests -> examples -------------------------------------------------------------------
 
 def completion_examples(request: api.CompletionRequest) -> list[Example]:
-    if request.echo or request.best_of not in (None, 1):
-        raise ApiError(400, "echo and best_of are not supported by this server",
-                       "echo" if request.echo else "best_of")
     prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
-    if len(prompts) * request.n > api.MAX_PROMPTS * api.MAX_CHOICES // 2:
-        raise ApiError(400, f"at most {api.MAX_PROMPTS * api.MAX_CHOICES // 2} answers "
-                            "(prompts times n) per request", "n")
     return [Example(p, "") for p in prompts]
 
 
 def chat_example(request: api.ChatRequest, answerer: Answerer) -> Example:
-    """A run taught with the chat template sees the whole conversation; any other run sees
-    the last user message as the instruction, which is how it was taught."""
+    """The instruction is the last user message (the last message, if none is the user's).
+    A run taught with the chat template also sees the conversation before it; any other run
+    sees the instruction alone, which is how it was taught."""
     messages = request.messages
+    users = [i for i, m in enumerate(messages) if m.role == "user"]
+    last = users[-1] if users else len(messages) - 1
+    history = ()
     if answerer.template.name == "chat":
-        if messages[-1].role != "user":
-            raise ApiError(400, "the last message must come from the user",
-                           f"messages[{len(messages) - 1}].role")
         history = tuple({"role": "system" if m.role == "developer" else m.role,
-                         "content": m.text()} for m in messages[:-1])
-        return Example(messages[-1].text(), "", history=history)
-    users = [m for m in messages if m.role == "user"]
-    if not users:
-        raise ApiError(400, "the messages hold no user message to answer", "messages")
-    return Example(users[-1].text(), "")
+                         "content": m.text()} for m in messages[:last])
+    return Example(messages[last].text(), "", history=history)
 
 
 # --- the application ------------------------------------------------------------------------
@@ -328,8 +319,10 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, err: HTTPException) -> JSONResponse:
-        return error_response(err.status_code, str(err.detail),
-                              code="not_found" if err.status_code == 404 else None)
+        response = error_response(err.status_code, str(err.detail),
+                                  code="not_found" if err.status_code == 404 else None)
+        response.headers.update(err.headers or {})  # such as Allow, on a 405
+        return response
 
 
 TYPE_TAGS = {"str", "int", "float", "bool", "none", "list", "dict"}
