@@ -25,9 +25,9 @@ class TextCutter:
             self.stopped = True
             out, self.pending = self.pending[:min(hits)].rstrip(), ""
             return self._lead(out)
-        held = max([len(self.pending) - len(self.pending.rstrip()),
-                    *(self._stop_prefix(s) for s in self.stops)])
-        cut = len(self.pending) - held
+        # Held back: what may begin a stop text, and the whitespace before it.
+        cut = len(self.pending) - max([0, *(self._stop_prefix(s) for s in self.stops)])
+        cut = len(self.pending[:cut].rstrip())
         out, self.pending = self.pending[:cut], self.pending[cut:]
         return self._lead(out)
 
