@@ -234,39 +234,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 # --- serve ----------------------------------------------------------------------------------
 
-API_KEY_ENV = "INSTRUCTLM_API_KEY"
+API_KEY_ENV = "INSTRUCTLM_API_KEY"  # a key in the environment, not in `ps` output
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve a run over OpenAI's HTTP API, with a web page to try it in a browser."""
     import os
 
-    from .generate import load_answerer, load_untuned_base
-    from .runs import is_run
-    from .serve import ServeSettings, create_app, listen, run_server
+    from .serve import ServeSettings, serve
 
     quiet_libraries()
-    if args.compare_base and not is_run(args.run):
-        raise InstructlmError(f"{args.run} is not a trained run: --compare-base shows a run "
-                              "beside its untuned base model")
-    if args.max_tokens < 1 or args.max_prompt_tokens < 1:
-        raise InstructlmError("--max-tokens and --max-prompt-tokens must be at least 1")
     key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    sock = listen(args.host, args.port)
-    models = {}
-    tuned = load_answerer(args.run, None, args.trust_remote_code)
-    models[tuned.name] = tuned
-    if args.compare_base:
-        models[f"{tuned.name}:base"] = load_untuned_base(args.run, args.trust_remote_code)
-    app = create_app(models, ServeSettings(args.max_tokens, args.max_prompt_tokens, key))
-    host = f"[{args.host}]" if ":" in args.host else args.host
-    url = f"http://{host}:{sock.getsockname()[1]}"
-    _say(f"Serving {', '.join(models)}: the web page at {url}/ and OpenAI's API at {url}/v1"
-         + (" (API key required)" if key else ""))
-    if key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
-        _say(f"warning: listening on {args.host} without an API key: anyone who can reach "
-             f"this machine can use the model (set --api-key or ${API_KEY_ENV})")
-    run_server(app, sock)
+    settings = ServeSettings(args.max_tokens, args.max_prompt_tokens, key)
+    serve(args.run, settings, args.host, args.port, args.compare_base, args.trust_remote_code,
+          report=_say)
     return 0
 
 

@@ -29,6 +29,15 @@ def exactly(allowed: object) -> BeforeValidator:
     return BeforeValidator(check)
 
 
+class ApiError(Exception):
+    """A request the server refuses, answered in OpenAI's error shape."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None, kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.param, self.code, self.kind = status, param, code, kind
+
+
 class Sampling(BaseModel):
     """What both endpoints share. A missing or zero temperature means greedy decoding."""
 

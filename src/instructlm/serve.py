@@ -1,23 +1,19 @@
 """`instructlm serve`: a run behind OpenAI's HTTP API, and a web page to try it in a browser.
 
-One model call runs at a time (a lock): answers cannot mix, and two decodings would only
-share the same CPU cores. A streamed answer is decoded in a worker thread that hands its
-text to the response as it comes; when the client goes away, decoding stops at the next
-token and the next request is served.
+This module is the HTTP side: routes, the API key, errors in OpenAI's shape, server-sent
+events and the page. What is asked of the models, and how, is in answering.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import secrets
 import socket
-import threading
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from importlib import resources
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,10 +23,10 @@ from starlette.exceptions import HTTPException
 
 from . import __version__
 from . import openai_api as api
+from .answering import Models, Plan, chat_example, completion_examples
 from .errors import InstructlmError
-from .formats import Example
-from .generate import Answer, Answerer, DecodeSettings
-from .textcut import TextCutter
+from .generate import Answer, Answerer
+from .openai_api import ApiError
 
 
 @dataclass(frozen=True)
@@ -40,184 +36,10 @@ class ServeSettings:
     api_key: str | None = None
 
 
-class ApiError(Exception):
-    """A request the server refuses, answered in OpenAI's error shape."""
-
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None, kind: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.status, self.param, self.code, self.kind = status, param, code, kind
-
-
 def error_response(status: int, message: str, kind: str = "invalid_request_error",
                    param: str | None = None, code: str | None = None) -> JSONResponse:
     detail = api.ErrorDetail(message=message, type=kind, param=param, code=code)
     return JSONResponse(api.ErrorBody(error=detail).model_dump(), status_code=status)
-
-
-@dataclass(frozen=True)
-class Job:
-    """One answer to produce: its choice index and what is asked."""
-
-    index: int
-    example: Example
-
-
-@dataclass(frozen=True)
-class Plan:
-    """A checked request: which model, the answers to produce, how to decode them."""
-
-    model: str
-    answerer: Answerer
-    jobs: list[Job]
-    decode: DecodeSettings
-    prompt_tokens: int  # each distinct prompt counted once, as OpenAI does
-
-
-@dataclass(frozen=True)
-class Piece:
-    """Streamed text of one job; the last piece of a job carries its finish reason."""
-
-    job: Job
-    text: str
-    finish_reason: str | None = None
-    new_tokens: int = 0
-
-
-class Models:
-    """The served models, the limits on what a request may ask, and the one model lock."""
-
-    def __init__(self, models: dict[str, Answerer], settings: ServeSettings) -> None:
-        self.models = models
-        self.default = next(iter(models))
-        self.settings = settings
-        self.lock = threading.Lock()
-        self.created = int(time.time())
-
-    def cards(self) -> list[api.ModelCard]:
-        return [api.ModelCard(id=name, created=self.created) for name in self.models]
-
-    def plan(self, request: api.Sampling, examples: list[Example], param: str) -> Plan:
-        name = request.model or self.default
-        if name not in self.models:
-            raise ApiError(404, f"The model '{name}' does not exist; this server has "
-                                f"{', '.join(self.models)}", "model", "model_not_found")
-        answerer = self.models[name]
-        lengths = [self._prompt_length(answerer, ex, param) for ex in examples]
-        room = _context_size(answerer) - max(lengths)
-        limit = min(request.max_tokens or self.settings.max_tokens, self.settings.max_tokens,
-                    room)
-        if limit < 1:
-            raise ApiError(400, f"the prompt leaves no room for an answer in the model's "
-                                f"{_context_size(answerer)} positions", param,
-                           "context_length_exceeded")
-        # Below this, sampling is greedy decoding in all but name, and dividing the logits
-        # by the temperature would overflow.
-        temperature = request.temperature if (request.temperature or 0) >= 1e-3 else 0.0
-        seed = request.seed if request.seed is not None else secrets.randbits(32)
-        decode = DecodeSettings(max_new_tokens=limit, sample=temperature > 0,
-                                temperature=temperature or 1.0, top_p=request.top_p or 1.0,
-                                stop=request.stops(), seed=seed % 2**32)
-        jobs = [Job(i * request.n + j, ex) for i, ex in enumerate(examples)
-                for j in range(request.n)]
-        return Plan(name, answerer, jobs, decode, sum(lengths))
-
-    def _prompt_length(self, answerer: Answerer, example: Example, param: str) -> int:
-        limit = self.settings.max_prompt_tokens
-        too_long = ApiError(400, f"the prompt is longer than this server accepts ({limit} "
-                                 "tokens, set by serve --max-prompt-tokens)", param,
-                            "context_length_exceeded")
-        text = example.instruction + "".join(m["content"] for m in example.history)
-        if len(text) > 16 * limit:  # refused before spending time tokenizing it
-            raise too_long
-        try:
-            n = len(answerer.prompt_ids(example))
-        except InstructlmError as err:
-            raise ApiError(400, err.message, param) from None
-        except Exception as err:  # the tokenizer's chat template refused the messages
-            raise ApiError(400, f"the model's chat template refused the messages: {err}",
-                           param) from None
-        if n > limit:
-            raise too_long
-        return n
-
-    def answer_all(self, plan: Plan) -> list[Answer]:
-        with self.lock:
-            return list(plan.answerer.answer([job.example for job in plan.jobs], plan.decode,
-                                             batch_size=len(plan.jobs)))
-
-    async def stream(self, plan: Plan) -> AsyncIterator[Piece]:
-        """Pieces of text as they are decoded, job after job, in order."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Piece | BaseException | None] = asyncio.Queue()
-        gone = threading.Event()
-
-        def put(item: Piece | BaseException | None) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-
-        def work() -> None:
-            try:
-                with self.lock:
-                    for job in plan.jobs:
-                        if gone.is_set():
-                            return
-                        self._stream_job(plan, job, put, gone)
-            except Exception as err:  # reported in the stream, not lost in a thread
-                put(err)
-            finally:
-                put(None)
-
-        threading.Thread(target=work, daemon=True).start()
-        try:
-            while (item := await queue.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            gone.set()  # the client went away, or the stream ended: stop decoding
-
-    @staticmethod
-    def _stream_job(plan: Plan, job: Job, put: Any, gone: threading.Event) -> None:
-        cutter = TextCutter(plan.decode.stop)
-
-        def on_text(text: str) -> None:
-            if piece := cutter.feed(text):
-                put(Piece(job, piece))
-
-        # Stop texts are cut here, where streamed text can be held back; each choice gets
-        # its own seed so that sampled choices differ.
-        decode = replace(plan.decode, stop=(), seed=(plan.decode.seed + job.index) % 2**32)
-        answer = plan.answerer.answer_streaming(
-            job.example, decode, on_text, should_stop=lambda: gone.is_set() or cutter.stopped)
-        put(Piece(job, cutter.finish(), "stop" if cutter.stopped else answer.finish_reason,
-                  answer.new_tokens))
-
-
-def _context_size(answerer: Answerer) -> int:
-    config = answerer.model.config
-    return int(getattr(config, "max_position_embeddings", None)
-               or getattr(config, "n_positions", None) or 2048)
-
-
-# --- requests -> examples -------------------------------------------------------------------
-
-def completion_examples(request: api.CompletionRequest) -> list[Example]:
-    prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
-    return [Example(p, "") for p in prompts]
-
-
-def chat_example(request: api.ChatRequest, answerer: Answerer) -> Example:
-    """The instruction is the last user message (the last message, if none is the user's).
-    A run taught with the chat template also sees the conversation before it; any other run
-    sees the instruction alone, which is how it was taught."""
-    messages = request.messages
-    users = [i for i, m in enumerate(messages) if m.role == "user"]
-    last = users[-1] if users else len(messages) - 1
-    history = ()
-    if answerer.template.name == "chat":
-        history = tuple({"role": "system" if m.role == "developer" else m.role,
-                         "content": m.text()} for m in messages[:last])
-    return Example(messages[last].text(), "", history=history)
 
 
 # --- the application ------------------------------------------------------------------------
@@ -229,7 +51,7 @@ STREAM = {200: {"content": {"text/event-stream": {}}}}
 
 def create_app(models: dict[str, Answerer], settings: ServeSettings = ServeSettings()) -> FastAPI:
     """The HTTP application serving `models`; the first one is the default model."""
-    served = Models(models, settings)
+    served = Models(models, settings.max_tokens, settings.max_prompt_tokens)
     app = FastAPI(title="instructlm", version=__version__, docs_url=None, redoc_url=None)
     _add_error_handlers(app)
 
@@ -290,7 +112,7 @@ def create_app(models: dict[str, Answerer], settings: ServeSettings = ServeSetti
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def playground() -> HTMLResponse:
-        return HTMLResponse(_playground_page(served))
+        return HTMLResponse(_playground_page(served, settings))
 
     app.include_router(v1)
     return app
@@ -430,11 +252,11 @@ def _chat_chunks(served: Models, plan: Plan, request: api.ChatRequest) -> AsyncI
 
 # --- the web page ---------------------------------------------------------------------------
 
-def _playground_page(served: Models) -> str:
+def _playground_page(served: Models, settings: ServeSettings) -> str:
     """The page, with what it needs to know about this server written into it."""
     config = {"models": [{"id": name, "label": a.name} for name, a in served.models.items()],
-              "needs_key": served.settings.api_key is not None,
-              "max_tokens": served.settings.max_tokens}
+              "needs_key": settings.api_key is not None,
+              "max_tokens": settings.max_tokens}
     page = resources.files("instructlm").joinpath("playground.html").read_text("utf-8")
     # '<' escaped so that no text in the config can close the script element.
     return page.replace("{{CONFIG}}", json.dumps(config).replace("<", "\\u003c"))
@@ -442,8 +264,35 @@ def _playground_page(served: Models) -> str:
 
 # --- running it -----------------------------------------------------------------------------
 
+def serve(spec: str, settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000,
+          compare_base: bool = False, trust_remote_code: bool = False,
+          report: Callable[[str], None] = print) -> None:
+    """Load the run (and with `compare_base` its untuned base) and serve until interrupted."""
+    from .generate import load_answerer, load_untuned_base
+    from .runs import is_run
+
+    if compare_base and not is_run(spec):
+        raise InstructlmError(f"{spec} is not a trained run: --compare-base shows a run "
+                              "beside its untuned base model")
+    if settings.max_tokens < 1 or settings.max_prompt_tokens < 1:
+        raise InstructlmError("--max-tokens and --max-prompt-tokens must be at least 1")
+    sock = listen(host, port)  # before the models load, so that a busy port fails at once
+    tuned = load_answerer(spec, None, trust_remote_code)
+    models = {tuned.name: tuned}
+    if compare_base:
+        models[f"{tuned.name}:base"] = load_untuned_base(spec, trust_remote_code)
+    app = create_app(models, settings)
+    url = f"http://{f'[{host}]' if ':' in host else host}:{sock.getsockname()[1]}"
+    report(f"Serving {', '.join(models)}: the web page at {url}/ and OpenAI's API at {url}/v1"
+           + (" (API key required)" if settings.api_key else ""))
+    if settings.api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        report(f"warning: listening on {host} without an API key: anyone who can reach this "
+               "machine can use the model (set --api-key)")
+    run_server(app, sock)
+
+
 def listen(host: str, port: int) -> socket.socket:
-    """The listening socket, opened before the models load so a busy port fails at once."""
+    """A listening socket, or a clear error when the address is taken or not this machine's."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         return socket.create_server((host, port), family=family)
