@@ -232,6 +232,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- merge ----------------------------------------------------------------------------------
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """Merge a LoRA run's adapter into its base model: a standalone run."""
+    from .adapters import merge
+
+    quiet_libraries()
+    output = merge(args.run, args.output, args.force)
+    _say(f"Saved the merged model to {output}")
+    return 0
+
+
 # --- serve ----------------------------------------------------------------------------------
 
 API_KEY_ENV = "INSTRUCTLM_API_KEY"  # a key in the environment, not in `ps` output
@@ -261,7 +273,7 @@ def _say(message: str, err: bool = False) -> None:
 
 def _add_training(p: argparse.ArgumentParser) -> None:
     from .devices import PRECISIONS
-    from .train import TrainSettings
+    from .train import FULL_LR, LORA_LR, TrainSettings
 
     d = TrainSettings()
     p.add_argument("--base", help="base model: a model folder, a Hugging Face hub id, or "
@@ -271,7 +283,8 @@ def _add_training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--template", help="seed-de, seed-en, chat, or a string with {instruction} "
                                       "(default: the base model's chat template, else seed-en)")
     p.add_argument("--epochs", type=int, help=f"passes over the data (default {d.epochs})")
-    p.add_argument("--lr", type=float, help=f"peak learning rate (default {d.lr})")
+    p.add_argument("--lr", type=float, help=f"peak learning rate (default {FULL_LR:g}, with "
+                                            f"--lora {LORA_LR:g})")
     p.add_argument("--batch-size", type=int, help=f"examples a step (default {d.batch_size})")
     p.add_argument("--max-length", type=int,
                    help=f"tokens per example, prompt + response (default {d.max_length})")
@@ -282,6 +295,16 @@ def _add_training(p: argparse.ArgumentParser) -> None:
                    help="do not teach the end token (the tutorial's way, to compare: answers "
                         "then run on to --max-new-tokens)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    lora = p.add_argument_group("LoRA", "train small adapters beside frozen base weights; the "
+                                        "run then stores only the adapter")
+    lora.add_argument("--lora", action="store_true", default=None, help="train LoRA adapters")
+    lora.add_argument("--lora-rank", type=int, help=f"adapter rank (default {d.lora_rank})")
+    lora.add_argument("--lora-alpha", type=int,
+                      help=f"adapter scale numerator (default {d.lora_alpha})")
+    lora.add_argument("--lora-dropout", type=float,
+                      help=f"dropout on the adapters' input (default {d.lora_dropout})")
+    lora.add_argument("--lora-targets", help="layer names to adapt, comma-separated (default: "
+                                             "attention and MLP layers of the architecture)")
 
 
 def _add_decoding(p: argparse.ArgumentParser) -> None:
@@ -314,7 +337,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     commands: dict[str, Callable[[argparse.Namespace], int]] = {
         "train": cmd_train, "ask": cmd_ask, "eval": cmd_eval, "compare": cmd_compare,
-        "curve": cmd_curve, "inspect": cmd_inspect, "serve": cmd_serve}
+        "curve": cmd_curve, "inspect": cmd_inspect, "merge": cmd_merge,
+        "serve": cmd_serve}
 
     parsers: dict[str, argparse.ArgumentParser] = {}
 
@@ -374,6 +398,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                    help="longest answer in tokens (default 200)")
     p.add_argument("--json", action="store_true", help="print the points as JSON")
     _add_training(p)
+
+    p = add("merge")
+    p.add_argument("run", help="a run trained with --lora")
+    p.add_argument("--output", "-o", help="folder for the merged run (default: RUN-merged)")
+    p.add_argument("--force", action="store_true", help="replace an existing run there")
 
     p = add("serve")
     p.add_argument("run", help="a trained run folder (or a base model, untuned)")

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from .adapters import is_adapter_run, load_merged
 from .base import EMBEDDED, load_model, load_tokenizer, resolve_base
 from .decoding import can_drop_finished, decode_dropping_finished
 from .encode import encode_prompt
@@ -179,8 +180,12 @@ def load_answerer(spec: str | None, template: str | Template | None = None,
         if template is not None:
             raise InstructlmError("--template is only for base models: a run is always asked "
                                   "with the template it was trained with")
-        return Answerer(load_model(spec), load_tokenizer(spec),
-                        Template.from_dict(info["template"]), Path(spec).name)
+        if is_adapter_run(spec):
+            model = load_merged(spec, info["base"]["spec"], trust_remote_code)
+        else:
+            model = load_model(spec)
+        return Answerer(model, load_tokenizer(spec), Template.from_dict(info["template"]),
+                        Path(spec).name)
     return _load_base(spec, template, trust_remote_code)
 
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .adapters import LoraSettings, add_lora, adapter_summary
 from .base import EMBEDDED, EMBEDDED_NAME, load_model, load_tokenizer, resolve_base
 from .devices import PRECISIONS, pick_device, resolve_precision
 from .encode import EncodedExample, collate, encode_examples
@@ -30,6 +31,10 @@ from .templates import Template, choose_template
 
 
 
+FULL_LR = 1e-4  # chosen by measurement: see the README's Measurements
+LORA_LR = 1e-3  # adapters start at zero and are few: they need larger steps
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     """Every setting of a run; saved in the run so it can be reproduced."""
@@ -37,7 +42,7 @@ class TrainSettings:
     base: str = EMBEDDED
     template: str = "auto"  # auto: the base model's chat template if it has one, else seed-en
     epochs: int = 4
-    lr: float = 1e-4
+    lr: float | None = None  # None: FULL_LR, or LORA_LR with lora
     batch_size: int = 8
     max_length: int = 512
     seed: int = 42
@@ -46,17 +51,33 @@ class TrainSettings:
     precision: str = "auto"  # auto | bf16 | fp32
     trust_remote_code: bool = False
     end_token: bool = True  # False: the tutorial's way, the model never learns to stop
+    lora: bool = False  # train LoRA adapters on frozen base weights instead of every weight
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: str = "auto"  # module names separated by commas; auto: per architecture
+
+    def resolved(self) -> "TrainSettings":
+        """These settings with the defaults that depend on others filled in."""
+        return replace(self, lr=self.lr or (LORA_LR if self.lora else FULL_LR))
+
+    def lora_settings(self) -> LoraSettings:
+        return LoraSettings(self.lora_rank, self.lora_alpha, self.lora_dropout,
+                            self.lora_targets)
 
     def check(self) -> None:
         """Refuse settings that cannot train, before anything is loaded."""
         problems = [f"--{name.replace('_', '-')} must be {rule}" for name, ok, rule in (
             ("epochs", self.epochs >= 1, "at least 1"),
-            ("lr", self.lr > 0, "above 0"),
+            ("lr", self.lr is None or self.lr > 0, "above 0"),
             ("batch_size", self.batch_size >= 1, "at least 1"),
             ("max_length", self.max_length >= 2, "at least 2"),
             ("warmup_ratio", 0 <= self.warmup_ratio < 1, "in [0, 1)"),
             ("weight_decay", self.weight_decay >= 0, "0 or more"),
             ("precision", self.precision in PRECISIONS, " or ".join(PRECISIONS)),
+            ("lora_rank", self.lora_rank >= 1, "at least 1"),
+            ("lora_alpha", self.lora_alpha > 0, "above 0"),
+            ("lora_dropout", 0 <= self.lora_dropout < 1, "in [0, 1)"),
         ) if not ok]
         if problems:
             raise InstructlmError("; ".join(problems))
@@ -71,6 +92,7 @@ def train(file: str | Path, output: str | Path | None = None,
           report: Report = print, progress: bool = True) -> Path:
     """Train on an instruction file and save a run; return the run directory."""
     settings.check()
+    settings = settings.resolved()
     data = read_instruction_file(file)
     output = Path(output) if output else default_output(file)
     check_output(output, force)  # refuse now, not after minutes of training
@@ -84,7 +106,9 @@ def train(file: str | Path, output: str | Path | None = None,
         raise InstructlmError(f"{data.path}: no training example fits --max-length "
                               f"{settings.max_length}", hint="raise --max-length")
     model, device, precision = load_for_training(source, settings)
-    report(f"Training {_base_name(settings.base)} on {len(train_set)} examples "
+    adapted = add_lora(model, settings.lora_settings()) if settings.lora else None
+    what = _describe_lora(adapted) if adapted else ""
+    report(f"Training {_base_name(settings.base)}{what} on {len(train_set)} examples "
            f"({len(eval_set)} for evaluation), {settings.epochs} epochs, template "
            f"{template.name}, {precision} on {device}")
 
@@ -98,7 +122,11 @@ def train(file: str | Path, output: str | Path | None = None,
         info = _run_info(output, settings, source, template, data, train_set, eval_set,
                          losses, seconds, precision)
         info["metrics"]["answer_scores"] = closing.summary
-        model.save_pretrained(staging)
+        if adapted is not None:  # the adapter alone; the run names its base
+            info["lora"] = adapter_summary(adapted)
+            adapted.save_pretrained(staging)
+        else:
+            model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         write_losses(staging / LOSS_FILE, losses)
         write_examples(staging / DATA_FILE, data)
@@ -134,13 +162,26 @@ def encode_reporting(examples: list[Example], template: Template, tokenizer: Any
 
 
 def load_for_training(source: str, settings: TrainSettings) -> tuple[Any, str, str]:
-    """The base model on its device, the device, and the precision to train in."""
+    """The base model on its device, the device, and the precision to train in.
+
+    With LoRA in bf16 the frozen base weights are loaded in bf16, at half the memory: only
+    the adapters need fp32 master weights.
+    """
     import torch
 
     torch.manual_seed(settings.seed)
     device = pick_device()
     precision = resolve_precision(settings.precision, device)
-    return load_model(source, settings.trust_remote_code).to(device), device, precision
+    dtype = torch.bfloat16 if settings.lora and precision == "bf16" else torch.float32
+    return load_model(source, settings.trust_remote_code, dtype).to(device), device, precision
+
+
+def _describe_lora(adapted: Any) -> str:
+    summary = adapter_summary(adapted)
+    share = summary["trainable_parameters"] / summary["total_parameters"]
+    return (f" with LoRA adapters (rank {summary['rank']}, "
+            f"{summary['trainable_parameters'] / 1e6:.1f}M trainable parameters, "
+            f"{share:.1%})")
 
 
 def fit(model: Any, train_set: list[EncodedExample], eval_set: list[EncodedExample],
