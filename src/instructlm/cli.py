@@ -20,16 +20,30 @@ EPILOG = "Run 'instructlm COMMAND --help' for the options of a command."
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Teach a base model the instructions in FILE and save a run."""
-    from .train import default_output, train
+    from .checkpoints import checkpoint_dir
+    from .train import default_output, resume, train
 
     quiet_libraries()
-    settings = _train_settings(args)
-    output = args.output or default_output(args.file)
+    if args.resume:
+        if args.file or args.output:
+            raise InstructlmError("--resume RUN goes on with the interrupted run's own file, "
+                                  "settings and folder: give no FILE or --output with it")
+        output = Path(args.resume)
+    elif args.file:
+        output = Path(args.output or default_output(args.file))
+    else:
+        raise InstructlmError("give the instruction FILE to train on (or --resume RUN)")
     try:
-        train(args.file, output, settings, force=args.force, report=_say,
-              progress=not args.quiet)
+        if args.resume:
+            resume(output, report=_say, progress=not args.quiet)
+        else:
+            train(args.file, output, _train_settings(args), force=args.force, report=_say,
+                  progress=not args.quiet)
     except KeyboardInterrupt:
-        _say(f"\nInterrupted: nothing was saved; {output} is as it was before.")
+        saved = checkpoint_dir(output)
+        _say(f"\nInterrupted: {output} is as it was before. " + (
+            f"Continue from the last checkpoint with `instructlm train --resume {output}`."
+            if saved.exists() else "Nothing was saved (--save-every N saves checkpoints)."))
         return 130
     return 0
 
@@ -349,10 +363,15 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         return p
 
     p = add("train")
-    p.add_argument("file", help="instruction file (instruction#response a line, or JSONL)")
+    p.add_argument("file", nargs="?",
+                   help="instruction file (instruction#response a line, or JSONL)")
     p.add_argument("--output", "-o", help="run folder (default: runs/<file name>)")
     _add_training(p)
     p.add_argument("--force", action="store_true", help="replace an existing run")
+    p.add_argument("--save-every", type=int, metavar="N",
+                   help="save a checkpoint every N steps, beside the run (default: none)")
+    p.add_argument("--resume", metavar="RUN",
+                   help="continue the interrupted run RUN from its last checkpoint")
 
     p = add("ask")
     p.add_argument("run", help="a trained run folder, or a base model to see untuned answers "

@@ -27,7 +27,9 @@ class TrainStep:
         self.model, self.device, self.precision = model, device, precision
         self.labels_only, self.share_prefix = labels_only, share_prefix
         self.sparse_embedding = sparse_embedding and _sparse_embedding(model)
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
         self.master: list[Any] | None = None
         if precision == "bf16" and master_weights:
             self.master = [p.detach().float() for p in self.params]
@@ -71,6 +73,26 @@ class TrainStep:
                 torch._foreach_copy_(self.params, self.master)
         self.model.zero_grad(set_to_none=True)
         return loss.item()
+
+    def state_dict(self) -> dict[str, Any]:
+        """What resuming needs: the trained weights in full precision, AdamW's moments and
+        the schedule's position."""
+        weights = {n: t.detach().float().clone()
+                   for n, t in zip(self.names, self.master or self.params, strict=True)}
+        return {"weights": weights, "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        import torch
+
+        with torch.no_grad():
+            for i, name in enumerate(self.names):
+                value = state["weights"][name]
+                if self.master is not None:
+                    self.master[i].copy_(value)
+                self.params[i].copy_(value)  # cast to the model's dtype
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
 
     def finish(self) -> None:
         """Leave the model with its fp32 master weights, ready to save and to answer."""
