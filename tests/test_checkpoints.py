@@ -35,11 +35,11 @@ def interrupt_at(monkeypatch, step_number: int) -> None:
     """Make training stop with Ctrl-C as step `step_number` begins."""
     real, calls = TrainStep.__call__, []
 
-    def call(self, batch):
+    def call(self, batch, share=1.0):
         calls.append(1)
         if len(calls) == step_number:
             raise KeyboardInterrupt
-        return real(self, batch)
+        return real(self, batch, share)
 
     monkeypatch.setattr(TrainStep, "__call__", call)
 

@@ -12,14 +12,19 @@ import re
 import time
 from pathlib import Path
 
+from .devices import pick_device
 from .errors import InstructlmError
 from .evaluate import EvalResult, EvalSet, Report, evaluate
 from .formats import EVAL_MARKER, Example, read_instruction_file
 from .generate import Answerer, DecodeSettings
 from .scores import describe_summary
-from .train import (TrainSettings, encode_reporting, fit, load_for_training,
-                    load_tokenizer_and_template)
-
+from .train import (
+    TrainSettings,
+    encode_reporting,
+    fit,
+    load_for_training,
+    load_tokenizer_and_template,
+)
 
 
 def family(example: Example, words: int = 2) -> str:
@@ -77,6 +82,10 @@ def learning_curve(file: str | Path, sizes: str | None = None,
     import torch
 
     settings.check()
+    if settings.lora or settings.save_every:
+        raise InstructlmError("curve trains every size afresh in full; --lora and "
+                              "--save-every are for train")
+    settings = settings.resolved()
     data = read_instruction_file(file)
     if not data.eval:
         raise InstructlmError(f"{file} has no held-out examples to measure the curve on",
@@ -84,7 +93,8 @@ def learning_curve(file: str | Path, sizes: str | None = None,
                                    "line (in JSONL: \"split\": \"eval\")")
     counts = parse_sizes(sizes, len(data.train))
     source, tokenizer, template = load_tokenizer_and_template(settings, data, report)
-    model, device, precision = load_for_training(source, settings)
+    device = pick_device()
+    model, precision = load_for_training(source, settings, device)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     ordered = spread_order(data.train, settings.seed)
     eval_set = EvalSet(f"{file} (its eval part)", data.eval, data.train + data.eval)

@@ -21,7 +21,6 @@ from .formats import Example
 from .runs import is_run, read_run_info
 from .templates import Template, choose_template, render_prompt
 
-
 # Instructions decoded together. Answering is bound by reading the weights once per token, so a
 # batch costs little more than one answer: 32 short answers came 5.6x faster than one at a time
 # on 2 CPU cores.

@@ -20,13 +20,19 @@ class TrainStep:
     def __init__(self, model: Any, lr: float, weight_decay: float, warmup_ratio: float,
                  total_steps: int, device: str, precision: str, labels_only: bool = True,
                  master_weights: bool = True, sparse_embedding: bool = True,
-                 share_prefix: bool = True) -> None:
+                 share_prefix: bool = True, accelerator: Any = None) -> None:
         import torch
         from transformers import get_linear_schedule_with_warmup
 
         self.model, self.device, self.precision = model, device, precision
-        self.labels_only, self.share_prefix = labels_only, share_prefix
-        self.sparse_embedding = sparse_embedding and _sparse_embedding(model)
+        self.accelerator = accelerator
+        self.world = accelerator.num_processes if accelerator else 1
+        # DistributedDataParallel averages dense gradients; the sparse embedding trick stays
+        # with single-process training.
+        self.sparse_embedding = sparse_embedding and self.world == 1 and _sparse_embedding(model)
+        self.loss = loss_module(model, device, precision, labels_only, share_prefix)
+        if self.world > 1:  # wrapped in DDP, whose backward averages the gradients
+            self.loss = accelerator.prepare_model(self.loss, device_placement=False)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
@@ -52,12 +58,16 @@ class TrainStep:
     def lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
 
-    def __call__(self, batch: dict[str, Any]) -> float:
+    def __call__(self, batch: dict[str, Any], share: float = 1.0) -> float:
+        """Train on `batch`; return the mean loss per response token of the global batch.
+
+        In several processes `batch` is this process's shard and `share` its weight (see
+        distributed.Shard).
+        """
         import torch
 
-        loss = batch_loss(self.model, batch, self.device, self.precision, self.labels_only,
-                          self.share_prefix)
-        loss.backward()
+        loss = self.loss(batch)
+        (loss * share).backward()
         if self.master is not None:
             for m, p in zip(self.master, self.params, strict=True):
                 if p.grad is None:  # a parameter this batch did not use
@@ -72,7 +82,10 @@ class TrainStep:
             with torch.no_grad():
                 torch._foreach_copy_(self.params, self.master)
         self.model.zero_grad(set_to_none=True)
-        return loss.item()
+        value = loss.detach() * (share / self.world)
+        if self.world > 1:
+            value = self.accelerator.reduce(value, reduction="sum")
+        return value.item()
 
     def state_dict(self) -> dict[str, Any]:
         """What resuming needs: the trained weights in full precision, AdamW's moments and
@@ -103,6 +116,23 @@ class TrainStep:
                 p.data = m.detach()
             self.master = None
         self.optimizer.state.clear()  # AdamW's moments: twice the model's size
+
+
+def loss_module(model: Any, device: str, precision: str, labels_only: bool,
+                share_prefix: bool) -> Any:
+    """The training loss of `model` as a module of its own, so that DistributedDataParallel
+    can wrap it: its backward then averages the gradients of every process."""
+    import torch
+
+    class LossOf(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, batch: dict[str, Any]) -> Any:
+            return batch_loss(self.model, batch, device, precision, labels_only, share_prefix)
+
+    return LossOf()
 
 
 def _sparse_embedding(model: Any) -> bool:

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import __version__, checkpoints
-from .adapters import LoraSettings, add_lora, adapter_summary
+from .adapters import LoraSettings, adapter_summary, add_lora
 from .base import EMBEDDED, EMBEDDED_NAME, load_model, load_tokenizer, resolve_base
 from .devices import PRECISIONS, pick_device, resolve_precision
+from .distributed import Shard, launched, make_accelerator
 from .encode import EncodedExample, collate, encode_examples
 from .errors import InstructlmError
 from .evaluate import EvalResult, EvalSet, Report, evaluate
@@ -24,12 +25,19 @@ from .formats import Example, InstructionSet, read_instruction_file
 from .generate import Answerer
 from .loss import mean_loss
 from .optimize import TrainStep
-from .runs import (DATA_FILE, LOSS_FILE, RUN_FILE, check_output, model_card, staged_run,
-                   write_examples, write_json, write_losses)
+from .runs import (
+    DATA_FILE,
+    LOSS_FILE,
+    RUN_FILE,
+    check_output,
+    model_card,
+    staged_run,
+    write_examples,
+    write_json,
+    write_losses,
+)
 from .scores import describe_summary
 from .templates import Template, choose_template
-
-
 
 FULL_LR = 1e-4  # chosen by measurement: see the README's Measurements
 LORA_LR = 1e-3  # adapters start at zero and are few: they need larger steps
@@ -125,6 +133,10 @@ def _train(data: InstructionSet, output: Path, settings: TrainSettings, force: b
            report: Report, progress: bool,
            resumed: checkpoints.Checkpoint | None = None) -> Path:
     check_output(output, force)  # refuse now, not after minutes of training
+    accelerator = make_accelerator() if launched() else None
+    main = accelerator is None or accelerator.is_main_process
+    if not main:  # one voice: the main process reports, answers and saves
+        report, progress = (lambda message: None), False
     for warning in data.warnings:
         report(f"warning: {warning}")
 
@@ -134,12 +146,14 @@ def _train(data: InstructionSet, output: Path, settings: TrainSettings, force: b
     if not train_set:
         raise InstructlmError(f"{data.path}: no training example fits --max-length "
                               f"{settings.max_length}", hint="raise --max-length")
-    model, device, precision = load_for_training(source, settings)
+    device = str(accelerator.device) if accelerator else pick_device()
+    model, precision = load_for_training(source, settings, device)
     adapted = add_lora(model, settings.lora_settings()) if settings.lora else None
     what = _describe_lora(adapted) if adapted else ""
+    processes = f" in {accelerator.num_processes} processes" if accelerator else ""
     report(f"Training {_base_name(settings.base)}{what} on {len(train_set)} examples "
            f"({len(eval_set)} for evaluation), {settings.epochs} epochs, template "
-           f"{template.name}, {precision} on {device}")
+           f"{template.name}, {precision} on {device}{processes}")
 
     folder = checkpoints.checkpoint_dir(output)
     about = {"file": data.path, "sha256": data.sha256, "settings": asdict(settings),
@@ -148,12 +162,15 @@ def _train(data: InstructionSet, output: Path, settings: TrainSettings, force: b
     def save_checkpoint(done: int, records: list[dict[str, Any]], step: TrainStep) -> None:
         checkpoints.save(folder, done, records, step.state_dict(), about)
 
+    started = time.perf_counter()
+    losses = fit(model, train_set, eval_set, settings, tokenizer.pad_token_id, device,
+                 precision, report, progress,
+                 save_checkpoint if settings.save_every and main else None, resumed,
+                 accelerator)
+    seconds = time.perf_counter() - started
+    if not main:
+        return output
     with staged_run(output, force) as staging:
-        started = time.perf_counter()
-        losses = fit(model, train_set, eval_set, settings, tokenizer.pad_token_id, device,
-                     precision, report, progress,
-                     save_checkpoint if settings.save_every else None, resumed)
-        seconds = time.perf_counter() - started
         model.to("cpu")
         closing = closing_answers(Answerer(model, tokenizer, template, output.name), data)
         info = _run_info(output, settings, source, template, data, train_set, eval_set,
@@ -199,19 +216,18 @@ def encode_reporting(examples: list[Example], template: Template, tokenizer: Any
     return encoded
 
 
-def load_for_training(source: str, settings: TrainSettings) -> tuple[Any, str, str]:
-    """The base model on its device, the device, and the precision to train in.
+def load_for_training(source: str, settings: TrainSettings, device: str) -> tuple[Any, str]:
+    """The base model on `device`, and the precision to train in.
 
     With LoRA in bf16 the frozen base weights are loaded in bf16, at half the memory: only
     the adapters need fp32 master weights.
     """
     import torch
 
-    torch.manual_seed(settings.seed)
-    device = pick_device()
+    torch.manual_seed(settings.seed)  # the same start in every process
     precision = resolve_precision(settings.precision, device)
     dtype = torch.bfloat16 if settings.lora and precision == "bf16" else torch.float32
-    return load_model(source, settings.trust_remote_code, dtype).to(device), device, precision
+    return load_model(source, settings.trust_remote_code, dtype).to(device), precision
 
 
 def _describe_lora(adapted: Any) -> str:
@@ -226,18 +242,22 @@ def fit(model: Any, train_set: list[EncodedExample], eval_set: list[EncodedExamp
         settings: TrainSettings, pad_id: int, device: str, precision: str, report: Report,
         progress: bool, save_checkpoint: Callable[[int, list[dict[str, Any]], TrainStep],
                                                    None] | None = None,
-        resumed: checkpoints.Checkpoint | None = None) -> list[dict[str, Any]]:
+        resumed: checkpoints.Checkpoint | None = None,
+        accelerator: Any = None) -> list[dict[str, Any]]:
     """Train `model` in place; return the loss records (per step, and eval per epoch).
 
     With `save_checkpoint`, it is called every `settings.save_every` steps; with `resumed`,
-    training goes on from that checkpoint as if it had never stopped.
+    training goes on from that checkpoint as if it had never stopped. With `accelerator`
+    (several processes), each process trains on its shard of every batch.
     """
     import torch
     from tqdm.auto import tqdm
 
     total = math.ceil(len(train_set) / settings.batch_size) * settings.epochs
     step = TrainStep(model, settings.lr, settings.weight_decay, settings.warmup_ratio, total,
-                     device, precision)
+                     device, precision, accelerator=accelerator)
+    shard, main = Shard(accelerator), accelerator is None or accelerator.is_main_process
+    response_tokens = [e.n_response_tokens for e in train_set]
     order = torch.Generator().manual_seed(settings.seed)
     records: list[dict[str, Any]] = []
     skip = 0  # steps a resumed run has done already
@@ -261,16 +281,19 @@ def fit(model: Any, train_set: list[EncodedExample], eval_set: list[EncodedExamp
             if done <= skip:
                 continue
             indices = perm[start:start + settings.batch_size]
-            batch = collate([train_set[i] for i in indices], pad_id)
-            value = step(batch)
+            mine, counts = shard.rows(indices)
+            batch = collate([train_set[i] for i in mine], pad_id)
+            value = step(batch, shard.share(mine, counts, indices, response_tokens))
             records.append({"step": done, "epoch": epoch, "loss": round(value, 5),
-                            "lr": step.lr, "tokens": int(batch["attention_mask"].sum()),
-                            "padded_tokens": batch["input_ids"].numel()})
+                            "lr": step.lr, "tokens": sum(len(train_set[i].input_ids)
+                                                         for i in indices),
+                            "padded_tokens": shard.padded_tokens(indices, train_set)})
             bar.set_postfix(epoch=epoch, loss=f"{value:.3f}", refresh=False)
             bar.update(1)
             if save_checkpoint and done % settings.save_every == 0 and done < total:
                 save_checkpoint(done, records, step)
-        if eval_set and not any(r.get("epoch") == epoch and "eval_loss" in r for r in records):
+        if main and eval_set and not any(r.get("epoch") == epoch and "eval_loss" in r
+                                         for r in records):
             eval_loss = mean_loss(model, eval_set, settings.batch_size, pad_id, device,
                                   precision)
             records.append({"step": done, "epoch": epoch, "eval_loss": round(eval_loss, 5)})
