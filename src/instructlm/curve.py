@@ -12,7 +12,7 @@ import re
 import time
 from pathlib import Path
 
-from .devices import pick_device
+from .devices import pick_device, resolve_precision
 from .errors import InstructlmError
 from .evaluate import EvalResult, EvalSet, Report, evaluate
 from .formats import EVAL_MARKER, Example, read_instruction_file
@@ -94,7 +94,8 @@ def learning_curve(file: str | Path, sizes: str | None = None,
     counts = parse_sizes(sizes, len(data.train))
     source, tokenizer, template = load_tokenizer_and_template(settings, data, report)
     device = pick_device()
-    model, precision = load_for_training(source, settings, device)
+    precision = resolve_precision(settings.precision, device)
+    model = load_for_training(source, settings, device, precision)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     ordered = spread_order(data.train, settings.seed)
     eval_set = EvalSet(f"{file} (its eval part)", data.eval, data.train + data.eval)

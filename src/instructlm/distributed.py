@@ -25,10 +25,12 @@ def launched() -> bool:
 
 def make_accelerator() -> Any:
     """The Accelerator of a multi-process launch, refusing what instructlm cannot do yet."""
+    import torch
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
-    accelerator = Accelerator()
+    # Without cpu=True, Accelerate leaves CPU processes unaware of each other.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     supported = {DistributedType.MULTI_CPU, DistributedType.MULTI_GPU, DistributedType.NO}
     if accelerator.distributed_type not in supported:
         raise InstructlmError(
@@ -36,6 +38,12 @@ def make_accelerator() -> Any:
             f"{accelerator.distributed_type.value} is not supported yet",
             hint="use an Accelerate config with distributed_type MULTI_GPU or MULTI_CPU")
     return accelerator
+
+
+def broadcast_object_list(objects: list[Any], from_process: int = 0) -> list[Any]:
+    from accelerate.utils import broadcast_object_list as broadcast
+
+    return broadcast(objects, from_process=from_process)
 
 
 class Shard:

@@ -28,7 +28,8 @@ def batch_loss(model: Any, batch: dict[str, Any], device: str, precision: str,
     batch = {k: v.to(device) for k, v in batch.items()}
     # autocast only if the weights are fp32: a model already in bf16 runs as it is.
     cast = precision == "bf16" and next(model.parameters()).dtype == torch.float32
-    with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=cast):
+    kind = torch.device(device).type  # "cuda" for "cuda:1"
+    with torch.autocast(device_type=kind, dtype=torch.bfloat16, enabled=cast):
         if not (labels_only and model.config.model_type in PLAIN_HEAD_MODELS):
             return model(**batch).loss
         start, hidden = _hidden_states(model, batch, share_prefix)

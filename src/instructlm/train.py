@@ -17,7 +17,7 @@ from . import __version__, checkpoints
 from .adapters import LoraSettings, adapter_summary, add_lora
 from .base import EMBEDDED, EMBEDDED_NAME, load_model, load_tokenizer, resolve_base
 from .devices import PRECISIONS, pick_device, resolve_precision
-from .distributed import Shard, launched, make_accelerator
+from .distributed import Shard, broadcast_object_list, launched, make_accelerator
 from .encode import EncodedExample, collate, encode_examples
 from .errors import InstructlmError
 from .evaluate import EvalResult, EvalSet, Report, evaluate
@@ -146,8 +146,11 @@ def _train(data: InstructionSet, output: Path, settings: TrainSettings, force: b
     if not train_set:
         raise InstructlmError(f"{data.path}: no training example fits --max-length "
                               f"{settings.max_length}", hint="raise --max-length")
-    device = str(accelerator.device) if accelerator else pick_device()
-    model, precision = load_for_training(source, settings, device)
+    device = _device_name(accelerator.device) if accelerator else pick_device()
+    precision = resolve_precision(settings.precision, device)
+    if accelerator:  # every process must train in the precision the main one chose
+        precision = broadcast_object_list([precision], from_process=0)[0]
+    model = load_for_training(source, settings, device, precision)
     adapted = add_lora(model, settings.lora_settings()) if settings.lora else None
     what = _describe_lora(adapted) if adapted else ""
     processes = f" in {accelerator.num_processes} processes" if accelerator else ""
@@ -216,8 +219,9 @@ def encode_reporting(examples: list[Example], template: Template, tokenizer: Any
     return encoded
 
 
-def load_for_training(source: str, settings: TrainSettings, device: str) -> tuple[Any, str]:
-    """The base model on `device`, and the precision to train in.
+def load_for_training(source: str, settings: TrainSettings, device: str,
+                      precision: str) -> Any:
+    """The base model on `device`, ready to train in `precision`.
 
     With LoRA in bf16 the frozen base weights are loaded in bf16, at half the memory: only
     the adapters need fp32 master weights.
@@ -225,9 +229,12 @@ def load_for_training(source: str, settings: TrainSettings, device: str) -> tupl
     import torch
 
     torch.manual_seed(settings.seed)  # the same start in every process
-    precision = resolve_precision(settings.precision, device)
     dtype = torch.bfloat16 if settings.lora and precision == "bf16" else torch.float32
-    return load_model(source, settings.trust_remote_code, dtype).to(device), precision
+    return load_model(source, settings.trust_remote_code, dtype).to(device)
+
+
+def _device_name(device: Any) -> str:
+    return "cpu" if device.type == "cpu" else str(device)  # all CPU processes share one
 
 
 def _describe_lora(adapted: Any) -> str:
