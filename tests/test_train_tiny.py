@@ -116,8 +116,8 @@ def test_force_replaces_a_run_and_refuses_foreign_folders(tmp_path, tiny_base):
     assert (foreign / "cat.jpg").read_bytes() == b"meow"
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_both_precisions_learn(tmp_path, tiny_base, precision):
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_every_precision_learns(tmp_path, tiny_base, precision):
     data = tmp_path / "f.txt"
     data.write_text(TINY_FILE, encoding="utf-8")
     out = train(data, tmp_path / "run", tiny_settings(tiny_base, epochs=40, precision=precision),
@@ -126,3 +126,17 @@ def test_both_precisions_learn(tmp_path, tiny_base, precision):
     steps = [r["loss"] for r in losses if "loss" in r]
     assert steps[-1] < steps[0] / 3
     assert json.loads((out / RUN_FILE).read_text())["settings"]["precision_used"] == precision
+
+
+@pytest.mark.parametrize("device, message", [
+    ("cuda:7", "no such CUDA device"), ("toaster", "unknown device")])
+def test_a_device_that_is_not_here_is_refused(tmp_path, tiny_base, device, message):
+    import torch
+
+    if torch.cuda.device_count() > 7:
+        pytest.skip("this machine has that many GPUs")
+    data = tmp_path / "f.txt"
+    data.write_text(TINY_FILE, encoding="utf-8")
+    with pytest.raises(InstructlmError, match=message):
+        train(data, tmp_path / "run", tiny_settings(tiny_base, device=device),
+              report=lambda m: None, progress=False)

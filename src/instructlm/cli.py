@@ -304,7 +304,10 @@ def _add_training(p: argparse.ArgumentParser) -> None:
                    help=f"tokens per example, prompt + response (default {d.max_length})")
     p.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
     p.add_argument("--precision", choices=PRECISIONS,
-                   help="auto: bf16 autocast where the CPU/GPU supports it (default)")
+                   help="auto (default): bf16 where this CPU or GPU computes it faster, fp16 "
+                        "with loss scaling on GPUs without bf16, else fp32")
+    p.add_argument("--device", help="auto (default: a CUDA GPU if there is one, else the "
+                                    "CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--no-end-token", dest="end_token", action="store_false", default=None,
                    help="do not teach the end token (the tutorial's way, to compare: answers "
                         "then run on to --max-new-tokens)")

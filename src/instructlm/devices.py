@@ -5,17 +5,34 @@ from __future__ import annotations
 import time
 from functools import lru_cache
 
-PRECISIONS = ("auto", "bf16", "fp32")
+from .errors import InstructlmError
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
-def pick_device() -> str:
+def pick_device(choice: str = "auto") -> str:
+    """`auto`: a CUDA GPU when there is one, else the CPU; or the device asked for, checked."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(choice)
+    except RuntimeError:
+        raise InstructlmError(f"unknown device {choice!r}",
+                              hint="use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or
+                                  (device.index or 0) >= torch.cuda.device_count()):
+        raise InstructlmError(f"--device {choice}: no such CUDA device here",
+                              hint="leave --device out to use what there is")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise InstructlmError(f"--device {choice}: Apple's MPS is not available here")
+    return str(device)
 
 
 def resolve_precision(choice: str, device: str) -> str:
-    """bf16 where the hardware multiplies bf16 matrices faster than fp32; fp32 otherwise.
+    """bf16 where the hardware multiplies bf16 matrices faster than fp32; on a GPU without
+    bf16, fp16 (with loss scaling); fp32 otherwise.
 
     On a CPU, bf16 instructions are not enough: some CPUs emulate them more slowly than fp32,
     so a short matmul probe decides.
@@ -25,7 +42,9 @@ def resolve_precision(choice: str, device: str) -> str:
     if choice != "auto":
         return choice
     if device.startswith("cuda"):
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if not device.startswith("cpu"):
+        return "fp32"
     if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return "fp32"
     return "bf16" if bf16_speedup() >= 1.2 else "fp32"

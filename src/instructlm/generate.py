@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable, Iterator
 from .adapters import is_adapter_run, load_merged
 from .base import EMBEDDED, load_model, load_tokenizer, resolve_base
 from .decoding import can_drop_finished, decode_dropping_finished
+from .devices import pick_device
 from .encode import encode_prompt
 from .errors import InstructlmError
 from .formats import Example
@@ -183,8 +184,8 @@ def load_answerer(spec: str | None, template: str | Template | None = None,
             model = load_merged(spec, info["base"]["spec"], trust_remote_code)
         else:
             model = load_model(spec)
-        return Answerer(model, load_tokenizer(spec), Template.from_dict(info["template"]),
-                        Path(spec).name)
+        return Answerer(model.to(pick_device()), load_tokenizer(spec),
+                        Template.from_dict(info["template"]), Path(spec).name)
     return _load_base(spec, template, trust_remote_code)
 
 
@@ -203,5 +204,5 @@ def _load_base(spec: str | None, template: str | Template | None,
     tokenizer = load_tokenizer(source, trust_remote_code)
     chosen = template if isinstance(template, Template) else choose_template(template, tokenizer)
     model = load_model(source, trust_remote_code)
-    return Answerer(model, tokenizer, chosen, spec or EMBEDDED)
+    return Answerer(model.to(pick_device()), tokenizer, chosen, spec or EMBEDDED)
 

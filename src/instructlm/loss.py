@@ -27,9 +27,10 @@ def batch_loss(model: Any, batch: dict[str, Any], device: str, precision: str,
 
     batch = {k: v.to(device) for k, v in batch.items()}
     # autocast only if the weights are fp32: a model already in bf16 runs as it is.
-    cast = precision == "bf16" and next(model.parameters()).dtype == torch.float32
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    cast = half is not None and next(model.parameters()).dtype == torch.float32
     kind = torch.device(device).type  # "cuda" for "cuda:1"
-    with torch.autocast(device_type=kind, dtype=torch.bfloat16, enabled=cast):
+    with torch.autocast(device_type=kind, dtype=half or torch.bfloat16, enabled=cast):
         if not (labels_only and model.config.model_type in PLAIN_HEAD_MODELS):
             return model(**batch).loss
         start, hidden = _hidden_states(model, batch, share_prefix)

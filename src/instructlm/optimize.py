@@ -44,6 +44,10 @@ class TrainStep:
             # Parameters only: buffers such as rotary frequencies stay fp32.
             for p in self.params:
                 p.data = p.data.to(torch.bfloat16)
+        # fp16 keeps fp32 weights under autocast, with the loss scaled so that small
+        # gradients do not underflow fp16's range (bf16 has fp32's range and needs none).
+        self.scaler = (torch.amp.GradScaler(torch.device(device).type)
+                       if precision == "fp16" else None)
         trained = self.master or self.params
         # Weight decay on matrices only, as is customary: not on norms and biases.
         groups = [{"params": [p for p in trained if p.ndim >= 2], "weight_decay": weight_decay},
@@ -67,7 +71,8 @@ class TrainStep:
         import torch
 
         loss = self.loss(batch)
-        (loss * share).backward()
+        scaled = loss * share
+        (self.scaler.scale(scaled) if self.scaler else scaled).backward()
         if self.master is not None:
             for m, p in zip(self.master, self.params, strict=True):
                 if p.grad is None:  # a parameter this batch did not use
@@ -75,8 +80,14 @@ class TrainStep:
             used = [(m.grad, p.grad) for m, p in zip(self.master, self.params, strict=True)
                     if p.grad is not None]
             torch._foreach_copy_([m for m, _ in used], [g for _, g in used])
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.master or self.params, 1.0)
-        self.optimizer.step()
+        if self.scaler:  # skips the step when the scaled gradients overflowed
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         if self.master is not None:
             with torch.no_grad():
@@ -93,7 +104,8 @@ class TrainStep:
         weights = {n: t.detach().float().clone()
                    for n, t in zip(self.names, self.master or self.params, strict=True)}
         return {"weights": weights, "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict()}
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         import torch
@@ -106,6 +118,8 @@ class TrainStep:
                 self.params[i].copy_(value)  # cast to the model's dtype
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
 
     def finish(self) -> None:
         """Leave the model with its fp32 master weights, ready to save and to answer."""

@@ -56,7 +56,8 @@ class TrainSettings:
     seed: int = 42
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
-    precision: str = "auto"  # auto | bf16 | fp32
+    precision: str = "auto"  # auto | bf16 | fp16 | fp32
+    device: str = "auto"  # auto: a CUDA GPU if there is one, else the CPU
     trust_remote_code: bool = False
     end_token: bool = True  # False: the tutorial's way, the model never learns to stop
     lora: bool = False  # train LoRA adapters on frozen base weights instead of every weight
@@ -146,7 +147,7 @@ def _train(data: InstructionSet, output: Path, settings: TrainSettings, force: b
     if not train_set:
         raise InstructlmError(f"{data.path}: no training example fits --max-length "
                               f"{settings.max_length}", hint="raise --max-length")
-    device = _device_name(accelerator.device) if accelerator else pick_device()
+    device = _device_name(accelerator.device) if accelerator else pick_device(settings.device)
     precision = resolve_precision(settings.precision, device)
     if accelerator:  # every process must train in the precision the main one chose
         precision = broadcast_object_list([precision], from_process=0)[0]
@@ -174,7 +175,6 @@ def _train(data: InstructionSet, output: Path, settings: TrainSettings, force: b
     if not main:
         return output
     with staged_run(output, force) as staging:
-        model.to("cpu")
         closing = closing_answers(Answerer(model, tokenizer, template, output.name), data)
         info = _run_info(output, settings, source, template, data, train_set, eval_set,
                          losses, seconds, precision)
