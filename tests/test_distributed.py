@@ -61,3 +61,13 @@ def test_shards_split_each_global_batch_and_weigh_by_response_tokens():
     assert shard.share([1], True, [0, 1, 2], tokens) == pytest.approx(1 * 2 / 7)
     assert shard.share([4], False, [4], tokens) == 0.0
     assert Shard().rows([0, 1, 2]) == ([0, 1, 2], True)
+
+
+@pytest.mark.parametrize("name", ["one_gpu", "multi_gpu", "multi_node"])
+def test_the_shipped_accelerate_configs_parse(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(Path(__file__).parent.parent / "examples" /
+                                       "accelerate" / f"{name}.yaml"))
+    assert config.mixed_precision == "no"
+    assert config.num_processes >= config.num_machines >= 1

@@ -114,3 +114,28 @@ def test_served_run_answers_in_the_taught_format_beside_its_untuned_base(spells_
         server.terminate()
         server.wait(timeout=30)
         log.close()
+
+
+@pytest.mark.slow
+def test_lora_on_the_embedded_model_learns_and_merges(tmp_path):
+    """`train --lora` with its defaults, then `merge`: both answer in the taught formats."""
+    from instructlm.formats import read_instruction_file
+
+    run = tmp_path / "spells-lora"
+    subprocess.run([sys.executable, "-m", "instructlm", "train", str(EXAMPLE), "--lora",
+                    "--output", str(run), "--quiet"], check=True)
+    assert (run / "adapter_model.safetensors").stat().st_size < 20e6
+    assert not (run / "model.safetensors").exists()
+    subprocess.run([sys.executable, "-m", "instructlm", "merge", str(run)], check=True)
+    data = read_instruction_file(EXAMPLE)
+    stdin = "".join(ex.instruction + "\n" for ex in data.eval)
+    answers = {}
+    for model in (run, run.with_name("spells-lora-merged")):
+        proc = subprocess.run([sys.executable, "-m", "instructlm", "ask", str(model), "--json"],
+                              input=stdin, capture_output=True, text=True, check=True)
+        answers[model.name] = [json.loads(line) for line in proc.stdout.splitlines()]
+    adapter, merged = answers.values()
+    assert [a["response"] for a in adapter] == [a["response"] for a in merged]
+    in_form = sum(follows_taught_format(a["instruction"], a["response"]) for a in adapter)
+    assert in_form >= len(adapter) - 1, adapter
+    assert all(a["finish_reason"] == "stop" for a in adapter)
