@@ -23,6 +23,11 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def main_process() -> bool:
+    """The process that speaks and saves (also true when there is only one)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def make_accelerator() -> Any:
     """The Accelerator of a multi-process launch, refusing what instructlm cannot do yet."""
     import torch

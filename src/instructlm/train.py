@@ -17,7 +17,8 @@ from . import __version__, checkpoints
 from .adapters import LoraSettings, adapter_summary, add_lora
 from .base import EMBEDDED, EMBEDDED_NAME, load_model, load_tokenizer, resolve_base
 from .devices import PRECISIONS, pick_device, resolve_precision
-from .distributed import Shard, broadcast_object_list, launched, make_accelerator
+from .distributed import (Shard, broadcast_object_list, launched, main_process,
+                          make_accelerator)
 from .encode import EncodedExample, collate, encode_examples
 from .errors import InstructlmError
 from .evaluate import EvalResult, EvalSet, Report, evaluate
@@ -125,7 +126,8 @@ def resume(output: str | Path, report: Report = print, progress: bool = True) ->
         raise InstructlmError(f"{about['file']} has changed since the interrupted run began",
                               hint="resuming needs the same examples; train afresh with "
                                    "--force to use the new file")
-    report(f"Resuming {output} from its checkpoint after step {about['done']}")
+    if main_process():
+        report(f"Resuming {output} from its checkpoint after step {about['done']}")
     return _train(data, output, TrainSettings(**about["settings"]), about["force"], report,
                   progress, checkpoints.load(folder))
 
@@ -160,8 +162,8 @@ def _train(data: InstructionSet, output: Path, settings: TrainSettings, force: b
            f"{template.name}, {precision} on {device}{processes}")
 
     folder = checkpoints.checkpoint_dir(output)
-    about = {"file": data.path, "sha256": data.sha256, "settings": asdict(settings),
-             "force": force}
+    about = {"file": str(Path(data.path).resolve()), "sha256": data.sha256,
+             "settings": asdict(settings), "force": force}
 
     def save_checkpoint(done: int, records: list[dict[str, Any]], step: TrainStep) -> None:
         checkpoints.save(folder, done, records, step.state_dict(), about)
