@@ -93,7 +93,7 @@ def learning_curve(file: str | Path, sizes: str | None = None,
                                    "line (in JSONL: \"split\": \"eval\")")
     counts = parse_sizes(sizes, len(data.train))
     source, tokenizer, template = load_tokenizer_and_template(settings, data, report)
-    device = pick_device()
+    device = pick_device(settings.device)
     precision = resolve_precision(settings.precision, device)
     model = load_for_training(source, settings, device, precision)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
