@@ -124,7 +124,7 @@ def test_lora_on_the_embedded_model_learns_and_merges(tmp_path):
     run = tmp_path / "spells-lora"
     subprocess.run([sys.executable, "-m", "instructlm", "train", str(EXAMPLE), "--lora",
                     "--output", str(run), "--quiet"], check=True)
-    assert (run / "adapter_model.safetensors").stat().st_size < 20e6
+    assert (run / "adapter_model.safetensors").stat().st_size < 25e6  # the model: 538 MB
     assert not (run / "model.safetensors").exists()
     subprocess.run([sys.executable, "-m", "instructlm", "merge", str(run)], check=True)
     data = read_instruction_file(EXAMPLE)

@@ -41,7 +41,7 @@ from .scores import describe_summary
 from .templates import Template, choose_template
 
 FULL_LR = 1e-4  # chosen by measurement: see the README's Measurements
-LORA_LR = 1e-3  # adapters start at zero and are few: they need larger steps
+LORA_LR = 2e-3  # adapters start at zero and are few: they need larger steps
 
 
 @dataclass(frozen=True)
