@@ -30,9 +30,6 @@ class TrainStep:
         # DistributedDataParallel averages dense gradients; the sparse embedding trick stays
         # with single-process training.
         self.sparse_embedding = sparse_embedding and self.world == 1 and _sparse_embedding(model)
-        self.loss = loss_module(model, device, precision, labels_only, share_prefix)
-        if self.world > 1:  # wrapped in DDP, whose backward averages the gradients
-            self.loss = accelerator.prepare_model(self.loss, device_placement=False)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
@@ -44,6 +41,10 @@ class TrainStep:
             # Parameters only: buffers such as rotary frequencies stay fp32.
             for p in self.params:
                 p.data = p.data.to(torch.bfloat16)
+        self.loss = loss_module(model, device, precision, labels_only, share_prefix)
+        if self.world > 1:  # wrapped in DDP (once the weights have their dtype), whose
+            # backward averages the gradients of every process
+            self.loss = accelerator.prepare_model(self.loss, device_placement=False)
         # fp16 keeps fp32 weights under autocast, with the loss scaled so that small
         # gradients do not underflow fp16's range (bf16 has fp32's range and needs none).
         self.scaler = (torch.amp.GradScaler(torch.device(device).type)
