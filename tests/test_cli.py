@@ -161,7 +161,7 @@ def test_ctrl_c_stops_training_and_says_nothing_was_saved(tmp_path, tiny_base):
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
-    assert "Interrupted: nothing was saved" in out
+    assert "Interrupted: runs/a is as it was before. Nothing was saved" in out
     assert "Traceback" not in err
     assert not (tmp_path / "runs" / "a").exists()
     assert not list((tmp_path / "runs").glob(".a.*"))  # staging folder removed
