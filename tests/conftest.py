@@ -34,6 +34,11 @@ Name three fruits.#Apple, banana, cherry
 """
 
 
+# TINY_FILE with 8 training examples: in batches of 3, every epoch ends with a short batch.
+EIGHT_FACTS = TINY_FILE.replace("# _EVAL_", "Say hi.#Hi!\nSay bye.#Bye!\nName a fruit.#Apple\n"
+                                "Name a colour.#Red\nName a number.#Seven\n# _EVAL_")
+
+
 def tiny_settings(base: Path, **changes):
     """Training settings under which the tiny model memorises TINY_FILE in seconds."""
     from instructlm.train import TrainSettings

@@ -16,7 +16,7 @@ from instructlm.errors import InstructlmError
 from instructlm.optimize import TrainStep
 from instructlm.train import resume, train
 
-from conftest import TINY_FILE, tiny_settings
+from conftest import EIGHT_FACTS, tiny_settings
 
 QUIET = dict(report=lambda m: None, progress=False)
 
@@ -45,8 +45,7 @@ def interrupt_at(monkeypatch, step_number: int) -> None:
 
 
 # 8 examples in batches of 3: 3 steps an epoch, 12 in all; checkpoints every 4 steps.
-DATA = TINY_FILE.replace("# _EVAL_", "Say hi.#Hi!\nSay bye.#Bye!\nName a fruit.#Apple\n"
-                         "Name a colour.#Red\nName a number.#Seven\n# _EVAL_")
+DATA = EIGHT_FACTS
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])

@@ -170,6 +170,9 @@ def test_ctrl_c_stops_training_and_says_nothing_was_saved(tmp_path, tiny_base):
 def test_bad_decoding_and_incomplete_model_folder(tmp_path, capsys):
     assert main(["ask", "embedded", "--beams", "0", "x"]) == 2
     assert "--beams and --max-new-tokens must be at least 1" in capsys.readouterr().err
+    # So low a temperature overflows the logits: refused before any model is loaded.
+    assert main(["ask", "embedded", "--sample", "--temperature", "1e-100", "x"]) == 2
+    assert "--temperature must be at least 0.001" in capsys.readouterr().err
     folder = tmp_path / "half-model"
     folder.mkdir()
     (folder / "config.json").write_text('{"model_type": "llama"}')

@@ -13,11 +13,10 @@ import pytest
 from instructlm.distributed import Shard
 from instructlm.train import train
 
-from conftest import TINY_FILE, tiny_settings
+from conftest import EIGHT_FACTS, tiny_settings
 
 # 8 training examples in global batches of 3: every third step has a short last batch.
-DATA = TINY_FILE.replace("# _EVAL_", "Say hi.#Hi!\nSay bye.#Bye!\nName a fruit.#Apple\n"
-                         "Name a colour.#Red\nName a number.#Seven\n# _EVAL_")
+DATA = EIGHT_FACTS
 
 
 def step_losses(run: Path) -> list[float]:

@@ -161,6 +161,12 @@ def test_without_a_user_message_the_last_message_is_the_instruction(client):
     assert reply.choices[0].message.content == "Hocus Pocus!"
 
 
+def test_a_temperature_too_low_to_sample_with_is_greedy(client):
+    reply = client.chat.completions.create(  # once a 500: the logits overflowed
+        model="facts", temperature=1e-103, messages=[{"role": "user", "content": "Say hello."}])
+    assert reply.choices[0].message.content == "Hello!"
+
+
 def test_max_tokens_above_the_servers_limit_are_capped(client):
     reply = client.chat.completions.create(
         model="facts:base", max_tokens=10_000, messages=[{"role": "user", "content": "Hi"}])

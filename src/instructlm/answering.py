@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator
 from . import openai_api as api
 from .errors import InstructlmError
 from .formats import Example
-from .generate import Answer, Answerer, DecodeSettings
+from .generate import MIN_TEMPERATURE, Answer, Answerer, DecodeSettings
 from .openai_api import ApiError
 from .textcut import TextCutter
 
@@ -81,9 +81,9 @@ class Models:
             raise ApiError(400, f"the prompt leaves no room for an answer in the model's "
                                 f"{_context_size(answerer)} positions", param,
                            "context_length_exceeded")
-        # Below this, sampling is greedy decoding in all but name, and dividing the logits
-        # by the temperature would overflow.
-        temperature = request.temperature if (request.temperature or 0) >= 1e-3 else 0.0
+        # OpenAI's API takes any temperature from 0: those too low to sample with are greedy.
+        temperature = (request.temperature
+                       if (request.temperature or 0) >= MIN_TEMPERATURE else 0.0)
         seed = request.seed if request.seed is not None else secrets.randbits(32)
         decode = DecodeSettings(max_new_tokens=limit, sample=temperature > 0,
                                 temperature=temperature or 1.0, top_p=request.top_p or 1.0,

@@ -28,6 +28,11 @@ from .templates import Template, choose_template, render_prompt
 BATCH_SIZE = 32
 
 
+# Below this, sampling is greedy decoding in all but name, and dividing the logits by the
+# temperature overflows (1e-103 gave infinities, then a crash in sampling).
+MIN_TEMPERATURE = 1e-3
+
+
 @dataclass(frozen=True)
 class DecodeSettings:
     max_new_tokens: int = 200
@@ -43,8 +48,10 @@ class DecodeSettings:
         """Refuse settings that cannot decode, before the model is loaded."""
         if self.beams < 1 or self.max_new_tokens < 1:
             raise InstructlmError("--beams and --max-new-tokens must be at least 1")
-        if self.sample and (self.temperature <= 0 or not 0 < self.top_p <= 1):
-            raise InstructlmError("--temperature must be above 0 and --top-p in (0, 1]")
+        if self.sample and (self.temperature < MIN_TEMPERATURE or not 0 < self.top_p <= 1):
+            raise InstructlmError(f"--temperature must be at least {MIN_TEMPERATURE} and "
+                                  "--top-p in (0, 1]",
+                                  hint="for the most likely answer, leave out --sample")
 
 
 @dataclass(frozen=True)
