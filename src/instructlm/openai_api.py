@@ -127,11 +127,16 @@ class CompletionChoice(BaseModel):
     finish_reason: FinishReason | None
 
 
-class Completion(BaseModel):
+class Response(BaseModel):
+    """What every answer carries: its id, when it was made and by which model."""
+
     id: str
-    object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
+
+
+class Completion(Response):
+    object: Literal["text_completion"] = "text_completion"
     choices: list[CompletionChoice]
     usage: Usage | None = None
 
@@ -148,11 +153,8 @@ class ChatChoice(BaseModel):
     finish_reason: FinishReason
 
 
-class ChatCompletion(BaseModel):
-    id: str
+class ChatCompletion(Response):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
     choices: list[ChatChoice]
     usage: Usage
 
@@ -169,11 +171,8 @@ class ChunkChoice(BaseModel):
     finish_reason: FinishReason | None = None
 
 
-class ChatCompletionChunk(BaseModel):
-    id: str
+class ChatCompletionChunk(Response):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChunkChoice]
     usage: Usage | None = None
 

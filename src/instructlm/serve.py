@@ -25,6 +25,7 @@ from . import __version__
 from . import openai_api as api
 from .answering import Models, Plan, chat_example, completion_examples
 from .errors import InstructlmError
+from .formats import Example
 from .generate import Answer, Answerer
 from .openai_api import ApiError
 
@@ -77,38 +78,27 @@ def create_app(models: dict[str, Answerer], settings: ServeSettings = ServeSetti
         raise ApiError(404, f"The model '{model_id}' does not exist", "model",
                        "model_not_found")
 
+    async def answer(request: api.Sampling, examples: list[Example], param: str,
+                     chunks: Any, whole: Any) -> Any:
+        """Check the request, then answer it as a stream of events or in one response."""
+        plan = await run_in_threadpool(served.plan, request, examples, param)
+        if request.stream:
+            return _event_stream(chunks(served, plan, request))
+        answers = await run_in_threadpool(served.answer_all, plan)
+        return whole(plan, answers)
+
     @v1.post("/completions", response_model=api.Completion, responses=STREAM)
     async def completions(request: api.CompletionRequest) -> Any:
-        examples = completion_examples(request)
-        plan = await run_in_threadpool(served.plan, request, examples, "prompt")
-        if request.stream:
-            return _event_stream(_completion_chunks(served, plan, request))
-        answers = await run_in_threadpool(served.answer_all, plan)
-        return api.Completion(
-            id=_new_id("cmpl"), created=int(time.time()), model=plan.model,
-            choices=[api.CompletionChoice(index=job.index, text=a.response,
-                                          finish_reason=a.finish_reason)
-                     for job, a in zip(plan.jobs, answers, strict=True)],
-            usage=_usage(plan, answers))
+        return await answer(request, completion_examples(request), "prompt",
+                            _completion_chunks, _completion)
 
     @v1.post("/chat/completions", response_model=api.ChatCompletion, responses=STREAM)
     async def chat_completions(request: api.ChatRequest) -> Any:
         if request.max_completion_tokens is not None:
             request.max_tokens = request.max_completion_tokens
-        name = request.model or served.default
-        answerer = served.models.get(name)
-        examples = [chat_example(request, answerer)] if answerer else []
-        plan = await run_in_threadpool(served.plan, request, examples, "messages")
-        if request.stream:
-            return _event_stream(_chat_chunks(served, plan, request))
-        answers = await run_in_threadpool(served.answer_all, plan)
-        return api.ChatCompletion(
-            id=_new_id("chatcmpl"), created=int(time.time()), model=plan.model,
-            choices=[api.ChatChoice(index=job.index,
-                                    message=api.AssistantMessage(content=a.response),
-                                    finish_reason=a.finish_reason)
-                     for job, a in zip(plan.jobs, answers, strict=True)],
-            usage=_usage(plan, answers))
+        answerer = served.models.get(request.model or served.default)
+        examples = [chat_example(request, answerer)] if answerer else []  # else a 404
+        return await answer(request, examples, "messages", _chat_chunks, _chat_completion)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def playground() -> HTMLResponse:
@@ -161,6 +151,24 @@ def _param(loc: Any) -> str | None:
         else:  # a union member's tag, such as 'str' or 'list[str]': the parameter ends here
             break
     return parts or None
+
+
+def _completion(plan: Plan, answers: list[Answer]) -> api.Completion:
+    return api.Completion(
+        id=_new_id("cmpl"), created=int(time.time()), model=plan.model,
+        choices=[api.CompletionChoice(index=job.index, text=a.response,
+                                      finish_reason=a.finish_reason)
+                 for job, a in zip(plan.jobs, answers, strict=True)],
+        usage=_usage(plan, answers))
+
+
+def _chat_completion(plan: Plan, answers: list[Answer]) -> api.ChatCompletion:
+    return api.ChatCompletion(
+        id=_new_id("chatcmpl"), created=int(time.time()), model=plan.model,
+        choices=[api.ChatChoice(index=job.index, message=api.AssistantMessage(content=a.response),
+                                finish_reason=a.finish_reason)
+                 for job, a in zip(plan.jobs, answers, strict=True)],
+        usage=_usage(plan, answers))
 
 
 def _new_id(prefix: str) -> str:
