@@ -21,6 +21,7 @@ from .errors import InstructlmError
 from .formats import Example
 from .runs import is_run, read_run_info
 from .templates import Template, choose_template, render_prompt
+from .textcut import TextCutter
 
 # Instructions decoded together. Answering is bound by reading the weights once per token, so a
 # batch costs little more than one answer: 32 short answers came 5.6x faster than one at a time
@@ -168,11 +169,11 @@ class Answerer:
         end = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
         reason = "stop" if end is not None else "length"
         tokens = tokens[:end] if end is not None else tokens
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        cuts = [text.find(s) for s in decode.stop if s and s in text]
-        if cuts:
-            text, reason = text[:min(cuts)], "stop"
-        return Answer(ex.instruction, text.strip(), reason, len(tokens))
+        # Cut by the same rule as a streamed answer, so that both read the same.
+        cutter = TextCutter(decode.stop)
+        text = cutter.feed(self.tokenizer.decode(tokens, skip_special_tokens=True))
+        text += cutter.finish()
+        return Answer(ex.instruction, text, "stop" if cutter.stopped else reason, len(tokens))
 
 
 def load_answerer(spec: str | None, template: str | Template | None = None,

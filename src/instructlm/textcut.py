@@ -1,4 +1,5 @@
-"""Streamed text cut the way a whole answer is: at the first stop text, and stripped.
+"""An answer's text cut at the first stop text, and stripped: fed whole, or piece by piece
+as it streams.
 
 A streamed piece that might be the start of a stop text, or trailing whitespace, is held
 back until the following text shows what it is; so the pieces put together are exactly the
