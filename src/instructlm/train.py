@@ -17,8 +17,7 @@ from . import __version__, checkpoints
 from .adapters import LoraSettings, adapter_summary, add_lora
 from .base import EMBEDDED, EMBEDDED_NAME, load_model, load_tokenizer, resolve_base
 from .devices import PRECISIONS, pick_device, resolve_precision
-from .distributed import (Shard, broadcast_object_list, launched, main_process,
-                          make_accelerator)
+from .distributed import Shard, broadcast_object_list, launched, main_process, make_accelerator
 from .encode import EncodedExample, collate, encode_examples
 from .errors import InstructlmError
 from .evaluate import EvalResult, EvalSet, Report, evaluate
@@ -155,7 +154,8 @@ def _train(data: InstructionSet, output: Path, settings: TrainSettings, force: b
         precision = broadcast_object_list([precision], from_process=0)[0]
     model = load_for_training(source, settings, device, precision)
     adapted = add_lora(model, settings.lora_settings()) if settings.lora else None
-    what = _describe_lora(adapted) if adapted else ""
+    lora = adapter_summary(adapted) if adapted else None
+    what = _describe_lora(lora) if lora else ""
     processes = f" in {accelerator.num_processes} processes" if accelerator else ""
     report(f"Training {_base_name(settings.base)}{what} on {len(train_set)} examples "
            f"({len(eval_set)} for evaluation), {settings.epochs} epochs, template "
@@ -182,7 +182,7 @@ def _train(data: InstructionSet, output: Path, settings: TrainSettings, force: b
                          losses, seconds, precision)
         info["metrics"]["answer_scores"] = closing.summary
         if adapted is not None:  # the adapter alone; the run names its base
-            info["lora"] = adapter_summary(adapted)
+            info["lora"] = lora
             adapted.save_pretrained(staging)
         else:
             model.save_pretrained(staging)
@@ -239,8 +239,7 @@ def _device_name(device: Any) -> str:
     return "cpu" if device.type == "cpu" else str(device)  # all CPU processes share one
 
 
-def _describe_lora(adapted: Any) -> str:
-    summary = adapter_summary(adapted)
+def _describe_lora(summary: dict[str, Any]) -> str:
     share = summary["trainable_parameters"] / summary["total_parameters"]
     return (f" with LoRA adapters (rank {summary['rank']}, "
             f"{summary['trainable_parameters'] / 1e6:.1f}M trainable parameters, "
