@@ -1,4 +1,5 @@
-"""Two processes (torchrun, gloo on the CPU) train like one with the same global batch."""
+"""Two processes (torchrun, gloo on the CPU), with DDP or FSDP, train like one with the same
+global batch."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from instructlm.distributed import Shard
 from instructlm.train import train
@@ -19,36 +22,83 @@ from conftest import EIGHT_FACTS, tiny_settings
 DATA = EIGHT_FACTS
 
 
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "losses.jsonl").read_text().splitlines()]
+
+
 def step_losses(run: Path) -> list[float]:
-    records = [json.loads(line) for line in (run / "losses.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in records if "loss" in r]
+    return [r["loss"] for r in records(run) if "loss" in r]
 
 
-@pytest.mark.parametrize("lora, precision, tolerance", [
-    (False, "fp32", 2e-3), (True, "fp32", 2e-3), (False, "bf16", 2e-2)],
-    ids=["full", "lora", "full-bf16"])
-def test_two_processes_give_the_loss_curve_of_one(tmp_path, tiny_base, write, lora, precision,
-                                                  tolerance):
+def eval_losses(run: Path) -> list[float]:
+    return [r["eval_loss"] for r in records(run) if "eval_loss" in r]
+
+
+def torchrun(*args: str, cwd: Path, fsdp: bool = False) -> subprocess.CompletedProcess:
+    """Two gloo processes on this CPU; with `fsdp`, as `accelerate launch` starts them for
+    examples/accelerate/fsdp.yaml."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if fsdp:
+        env.update(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2")
+    command = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env,
+                          cwd=cwd)
+
+
+def flags(base: Path, lr: float, precision: str, lora: bool) -> list[str]:
+    """The command line of tiny_settings(base, epochs=6, ...)."""
+    return (["--base", str(base), "--template", "seed-en", "--epochs", "6", "--batch-size", "3",
+             "--lr", str(lr), "--seed", "0", "--precision", precision, "--quiet"]
+            + (["--lora", "--lora-dropout", "0"] if lora else []))
+
+
+@pytest.mark.parametrize("fsdp, lora, precision, tolerance", [
+    (False, False, "fp32", 2e-3), (False, True, "fp32", 2e-3), (False, False, "bf16", 2e-2),
+    (True, False, "fp32", 2e-3), (True, True, "fp32", 2e-3), (True, False, "bf16", 2e-2)],
+    ids=["ddp", "ddp-lora", "ddp-bf16", "fsdp", "fsdp-lora", "fsdp-bf16"])
+def test_two_processes_give_the_loss_curve_of_one(tmp_path, tiny_base, write, fsdp, lora,
+                                                  precision, tolerance):
     data = write("facts.txt", DATA)
     settings = tiny_settings(tiny_base, epochs=6, lora=lora, lr=1e-2 if lora else 3e-3,
                              lora_dropout=0.0, warmup_ratio=0.1,  # the command's default
                              precision=precision)  # not left to a timing probe
     one = train(data, tmp_path / "one", settings, report=lambda m: None, progress=False)
-    torchrun = Path(sys.executable).with_name("torchrun")
-    flags = ["--base", str(tiny_base), "--template", "seed-en", "--epochs", "6",
-             "--batch-size", "3", "--lr", str(settings.lr), "--seed", "0", "--precision",
-             precision, "--quiet"] + (["--lora", "--lora-dropout", "0"] if lora else [])
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "instructlm",
-                           "train", str(data), "--output", str(tmp_path / "two"), *flags],
-                          capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    proc = torchrun("-m", "instructlm", "train", str(data), "--output", str(tmp_path / "two"),
+                    *flags(tiny_base, settings.lr, precision, lora), cwd=tmp_path, fsdp=fsdp)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "in 2 processes" in proc.stdout
+    assert "in 2 processes" in proc.stdout and ("(FSDP)" in proc.stdout) == fsdp
     assert proc.stdout.count("Saved the run") == 1  # the main process alone saves
     a, b = step_losses(one), step_losses(tmp_path / "two")
     assert len(a) == len(b) == 18
     assert b == pytest.approx(a, rel=tolerance)
+    assert eval_losses(tmp_path / "two") == pytest.approx(eval_losses(one), rel=tolerance)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".two")]
+    # The saved model is whole (FSDP gathers its shards) and the one a single process trains.
+    name = "adapter_model.safetensors" if lora else "model.safetensors"
+    mine, theirs = load_file(one / name), load_file(tmp_path / "two" / name)
+    assert mine.keys() == theirs.keys()
+    for key in mine:
+        assert torch.allclose(mine[key], theirs[key], atol=tolerance), key
+
+
+def test_an_fsdp_run_resumes_where_it_stopped(tmp_path, tiny_base, write):
+    data = write("facts.txt", DATA)
+    args = flags(tiny_base, 3e-3, "fp32", lora=False)
+    whole = torchrun("-m", "instructlm", "train", str(data), "--output", "whole", *args,
+                     cwd=tmp_path, fsdp=True)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    cut = torchrun(str(Path(__file__).with_name("interrupted.py")), "11", "train", str(data),
+                   "--output", "cut", "--save-every", "4", *args, cwd=tmp_path, fsdp=True)
+    assert cut.returncode != 0 and not (tmp_path / "cut").exists()
+    assert json.loads((tmp_path / "cut.checkpoint" / "state.json").read_text())["done"] == 8
+    again = torchrun("-m", "instructlm", "train", "--resume", "cut", cwd=tmp_path, fsdp=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Resuming cut from its checkpoint after step 8" in again.stdout
+    assert step_losses(tmp_path / "cut") == step_losses(tmp_path / "whole")
+    assert eval_losses(tmp_path / "cut") == eval_losses(tmp_path / "whole")
+    a = load_file(tmp_path / "whole" / "model.safetensors")
+    b = load_file(tmp_path / "cut" / "model.safetensors")
+    assert all(torch.equal(a[key], b[key]) for key in a)
 
 
 def test_shards_split_each_global_batch_and_weigh_by_response_tokens():
@@ -65,7 +115,7 @@ def test_shards_split_each_global_batch_and_weigh_by_response_tokens():
     assert Shard().rows([0, 1, 2]) == ([0, 1, 2], True)
 
 
-@pytest.mark.parametrize("name", ["one_gpu", "multi_gpu", "multi_node"])
+@pytest.mark.parametrize("name", ["one_gpu", "multi_gpu", "fsdp", "multi_node"])
 def test_the_shipped_accelerate_configs_parse(name):
     from accelerate.commands.config.config_args import load_config_from_file
 

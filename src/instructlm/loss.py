@@ -83,7 +83,7 @@ def _hidden_states(model: Any, batch: dict[str, Any], share_prefix: bool) -> tup
 
 
 def mean_loss(model: Any, examples: list[EncodedExample], batch_size: int, pad_id: int,
-              device: str, precision: str = "fp32") -> float:
+              device: str, precision: str = "fp32", labels_only: bool = True) -> float:
     """Mean loss per response token over `examples`, without touching the gradients."""
     import torch
 
@@ -94,7 +94,8 @@ def mean_loss(model: Any, examples: list[EncodedExample], batch_size: int, pad_i
         for start in range(0, len(examples), batch_size):
             chunk = examples[start:start + batch_size]
             n = sum(e.n_response_tokens for e in chunk)
-            total += batch_loss(model, collate(chunk, pad_id), device, precision).item() * n
+            total += batch_loss(model, collate(chunk, pad_id), device, precision,
+                                labels_only).item() * n
             count += n
     model.train(was_training)
     return total / max(count, 1)

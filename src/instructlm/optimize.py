@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from .errors import InstructlmError
 from .loss import batch_loss
 
 
@@ -20,16 +21,23 @@ class TrainStep:
     def __init__(self, model: Any, lr: float, weight_decay: float, warmup_ratio: float,
                  total_steps: int, device: str, precision: str, labels_only: bool = True,
                  master_weights: bool = True, sparse_embedding: bool = True,
-                 share_prefix: bool = True, accelerator: Any = None) -> None:
+                 share_prefix: bool = True, accelerator: Any = None, fsdp: Any = None) -> None:
         import torch
         from transformers import get_linear_schedule_with_warmup
 
+        from .distributed import shard_model
+
         self.model, self.device, self.precision = model, device, precision
-        self.accelerator = accelerator
+        self.accelerator, self.fsdp = accelerator, fsdp is not None
         self.world = accelerator.num_processes if accelerator else 1
         # DistributedDataParallel averages dense gradients; the sparse embedding trick stays
         # with single-process training.
         self.sparse_embedding = sparse_embedding and self.world == 1 and _sparse_embedding(model)
+        if self.fsdp:  # before the optimizer sees the parameters, which become shards
+            shard_model(model, fsdp, precision)
+            # Through the model's own forward, whose hooks gather the sharded weights; FSDP
+            # casts to bf16 itself.
+            labels_only, share_prefix, precision = False, False, "fp32"
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
@@ -42,8 +50,8 @@ class TrainStep:
             for p in self.params:
                 p.data = p.data.to(torch.bfloat16)
         self.loss = loss_module(model, device, precision, labels_only, share_prefix)
-        if self.world > 1:  # wrapped in DDP (once the weights have their dtype), whose
-            # backward averages the gradients of every process
+        if self.world > 1 and not self.fsdp:  # wrapped in DDP (once the weights have their
+            # dtype), whose backward averages the gradients of every process
             self.loss = accelerator.prepare_model(self.loss, device_placement=False)
         # fp16 keeps fp32 weights under autocast, with the loss scaled so that small
         # gradients do not underflow fp16's range (bf16 has fp32's range and needs none).
@@ -101,16 +109,39 @@ class TrainStep:
 
     def state_dict(self) -> dict[str, Any]:
         """What resuming needs: the trained weights in full precision, AdamW's moments and
-        the schedule's position."""
+        the schedule's position. With FSDP every process must call it (the shards are
+        gathered); the main process gets the whole state."""
+        state = {"scheduler": self.scheduler.state_dict(),
+                 "scaler": self.scaler.state_dict() if self.scaler else None,
+                 "fsdp": self.fsdp}
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import get_state_dict
+
+            weights, optimizer = get_state_dict(self.model, self.optimizer,
+                                                options=_full_state(ignore_frozen_params=True))
+            return {**state, "weights": weights, "optimizer": optimizer}
         weights = {n: t.detach().float().clone()
                    for n, t in zip(self.names, self.master or self.params, strict=True)}
-        return {"weights": weights, "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler else None}
+        return {**state, "weights": weights, "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         import torch
 
+        if bool(state.get("fsdp")) != self.fsdp:
+            raise InstructlmError(
+                "the checkpoint was saved " + ("with" if state.get("fsdp") else "without") +
+                " FSDP; resume it the way it was started",
+                hint="launch with the same Accelerate config as the interrupted run")
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import set_state_dict
+
+            set_state_dict(self.model, self.optimizer, model_state_dict=state["weights"],
+                           optim_state_dict=state["optimizer"],
+                           options=_full_state(strict=False))
+            return
         with torch.no_grad():
             for i, name in enumerate(self.names):
                 value = state["weights"][name]
@@ -118,9 +149,13 @@ class TrainStep:
                     self.master[i].copy_(value)
                 self.params[i].copy_(value)  # cast to the model's dtype
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
+
+    def full_weights(self) -> dict[str, Any]:
+        """Every weight of an FSDP-sharded model, gathered on the CPU of the main process
+        (the others get an empty dict). Every process must call it."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(self.model, options=_full_state())
 
     def finish(self) -> None:
         """Leave the model with its fp32 master weights, ready to save and to answer."""
@@ -131,6 +166,13 @@ class TrainStep:
                 p.data = m.detach()
             self.master = None
         self.optimizer.state.clear()  # AdamW's moments: twice the model's size
+
+
+def _full_state(**options: Any) -> Any:
+    """State dict options: whole tensors on the main process's CPU, not shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, **options)
 
 
 def loss_module(model: Any, device: str, precision: str, labels_only: bool,

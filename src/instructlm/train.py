@@ -17,7 +17,14 @@ from . import __version__, checkpoints
 from .adapters import LoraSettings, adapter_summary, add_lora
 from .base import EMBEDDED, EMBEDDED_NAME, load_model, load_tokenizer, resolve_base
 from .devices import PRECISIONS, pick_device, resolve_precision
-from .distributed import Shard, broadcast_object_list, launched, main_process, make_accelerator
+from .distributed import (
+    Shard,
+    broadcast_object_list,
+    fsdp_plugin,
+    launched,
+    main_process,
+    make_accelerator,
+)
 from .encode import EncodedExample, collate, encode_examples
 from .errors import InstructlmError
 from .evaluate import EvalResult, EvalSet, Report, evaluate
@@ -136,6 +143,7 @@ def _train(data: InstructionSet, output: Path, settings: TrainSettings, force: b
            resumed: checkpoints.Checkpoint | None = None) -> Path:
     check_output(output, force)  # refuse now, not after minutes of training
     accelerator = make_accelerator() if launched() else None
+    fsdp = fsdp_plugin(accelerator) if accelerator else None
     main = accelerator is None or accelerator.is_main_process
     if not main:  # one voice: the main process reports, answers and saves
         report, progress = (lambda message: None), False
@@ -152,11 +160,16 @@ def _train(data: InstructionSet, output: Path, settings: TrainSettings, force: b
     precision = resolve_precision(settings.precision, device)
     if accelerator:  # every process must train in the precision the main one chose
         precision = broadcast_object_list([precision], from_process=0)[0]
+    if fsdp and precision == "fp16":
+        raise InstructlmError("FSDP trains in bf16 or fp32, not fp16",
+                              hint="pass --precision fp32, or launch with DDP "
+                                   "(distributed_type MULTI_GPU) for fp16")
     model = load_for_training(source, settings, device, precision)
     adapted = add_lora(model, settings.lora_settings()) if settings.lora else None
     lora = adapter_summary(adapted) if adapted else None
     what = _describe_lora(lora) if lora else ""
-    processes = f" in {accelerator.num_processes} processes" if accelerator else ""
+    processes = (f" in {accelerator.num_processes} processes" + (" (FSDP)" if fsdp else "")
+                 if accelerator else "")
     report(f"Training {_base_name(settings.base)}{what} on {len(train_set)} examples "
            f"({len(eval_set)} for evaluation), {settings.epochs} epochs, template "
            f"{template.name}, {precision} on {device}{processes}")
@@ -166,14 +179,20 @@ def _train(data: InstructionSet, output: Path, settings: TrainSettings, force: b
              "settings": asdict(settings), "force": force}
 
     def save_checkpoint(done: int, records: list[dict[str, Any]], step: TrainStep) -> None:
-        checkpoints.save(folder, done, records, step.state_dict(), about)
+        state = step.state_dict()  # with FSDP, every process helps gather it
+        if main:
+            checkpoints.save(folder, done, records, state, about)
 
     started = time.perf_counter()
-    losses = fit(model, train_set, eval_set, settings, tokenizer.pad_token_id, device,
-                 precision, report, progress,
-                 save_checkpoint if settings.save_every and main else None, resumed,
-                 accelerator)
+    losses, step = fit(model, train_set, eval_set, settings, tokenizer.pad_token_id, device,
+                       precision, report, progress,
+                       save_checkpoint if settings.save_every else None, resumed,
+                       accelerator, fsdp)
     seconds = time.perf_counter() - started
+    if fsdp:  # the sharded weights, whole again in a model of the main process
+        weights = step.full_weights()
+        if main:
+            model, adapted = unsharded(weights, source, settings, device, precision)
     if not main:
         return output
     with staged_run(output, force) as staging:
@@ -235,6 +254,15 @@ def load_for_training(source: str, settings: TrainSettings, device: str,
     return load_model(source, settings.trust_remote_code, dtype).to(device)
 
 
+def unsharded(weights: dict[str, Any], source: str, settings: TrainSettings, device: str,
+              precision: str) -> tuple[Any, Any]:
+    """(model, LoRA-wrapped model or None) holding the trained `weights` gathered by FSDP."""
+    model = load_for_training(source, settings, device, precision)
+    adapted = add_lora(model, settings.lora_settings()) if settings.lora else None
+    model.load_state_dict(weights)
+    return model, adapted
+
+
 def _device_name(device: Any) -> str:
     return "cpu" if device.type == "cpu" else str(device)  # all CPU processes share one
 
@@ -250,21 +278,25 @@ def fit(model: Any, train_set: list[EncodedExample], eval_set: list[EncodedExamp
         settings: TrainSettings, pad_id: int, device: str, precision: str, report: Report,
         progress: bool, save_checkpoint: Callable[[int, list[dict[str, Any]], TrainStep],
                                                    None] | None = None,
-        resumed: checkpoints.Checkpoint | None = None,
-        accelerator: Any = None) -> list[dict[str, Any]]:
-    """Train `model` in place; return the loss records (per step, and eval per epoch).
+        resumed: checkpoints.Checkpoint | None = None, accelerator: Any = None,
+        fsdp: Any = None) -> tuple[list[dict[str, Any]], TrainStep]:
+    """Train `model` in place; return the loss records (per step, and eval per epoch) and
+    the finished training step.
 
     With `save_checkpoint`, it is called every `settings.save_every` steps; with `resumed`,
     training goes on from that checkpoint as if it had never stopped. With `accelerator`
-    (several processes), each process trains on its shard of every batch.
+    (several processes), each process trains on its shard of every batch; with `fsdp`
+    (Accelerate's FSDP settings), the model is sharded too.
     """
     import torch
     from tqdm.auto import tqdm
 
     total = math.ceil(len(train_set) / settings.batch_size) * settings.epochs
     step = TrainStep(model, settings.lr, settings.weight_decay, settings.warmup_ratio, total,
-                     device, precision, accelerator=accelerator)
+                     device, precision, accelerator=accelerator, fsdp=fsdp)
     shard, main = Shard(accelerator), accelerator is None or accelerator.is_main_process
+    # A sharded model answers only when every process takes part.
+    evaluates = main or fsdp is not None
     response_tokens = [e.n_response_tokens for e in train_set]
     order = torch.Generator().manual_seed(settings.seed)
     records: list[dict[str, Any]] = []
@@ -300,10 +332,11 @@ def fit(model: Any, train_set: list[EncodedExample], eval_set: list[EncodedExamp
             bar.update(1)
             if save_checkpoint and done % settings.save_every == 0 and done < total:
                 save_checkpoint(done, records, step)
-        if main and eval_set and not any(r.get("epoch") == epoch and "eval_loss" in r
-                                         for r in records):
+        if evaluates and eval_set and not any(r.get("epoch") == epoch and "eval_loss" in r
+                                              for r in records):
+            # FSDP casts to bf16 itself, and gathers the weights only in the model's forward.
             eval_loss = mean_loss(model, eval_set, settings.batch_size, pad_id, device,
-                                  precision)
+                                  "fp32" if step.fsdp else precision, labels_only=not step.fsdp)
             records.append({"step": done, "epoch": epoch, "eval_loss": round(eval_loss, 5)})
             message = (f"epoch {epoch}: train loss {_epoch_mean(records, epoch):.3f}, "
                        f"eval loss {eval_loss:.3f}")
@@ -313,7 +346,7 @@ def fit(model: Any, train_set: list[EncodedExample], eval_set: list[EncodedExamp
                 report(message)
     bar.close()
     step.finish()
-    return records
+    return records, step
 
 
 def _epoch_mean(records: list[dict[str, Any]], epoch: int) -> float:
