@@ -168,8 +168,10 @@ def _train(data: InstructionSet, output: Path, settings: TrainSettings, force: b
     adapted = add_lora(model, settings.lora_settings()) if settings.lora else None
     lora = adapter_summary(adapted) if adapted else None
     what = _describe_lora(lora) if lora else ""
-    processes = (f" in {accelerator.num_processes} processes" + (" (FSDP)" if fsdp else "")
-                 if accelerator else "")
+    processes = ""
+    if accelerator:
+        n = accelerator.num_processes
+        processes = f" in {n} process{'es' if n > 1 else ''}" + (" (FSDP)" if fsdp else "")
     report(f"Training {_base_name(settings.base)}{what} on {len(train_set)} examples "
            f"({len(eval_set)} for evaluation), {settings.epochs} epochs, template "
            f"{template.name}, {precision} on {device}{processes}")
