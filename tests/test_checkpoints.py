@@ -48,9 +48,18 @@ def interrupt_at(monkeypatch, step_number: int) -> None:
 DATA = EIGHT_FACTS
 
 
+@pytest.fixture
+def deterministic():
+    """Deterministic kernels: on a GPU some (the embedding's backward) add in a varying order,
+    and two runs, interrupted or not, then differ in the last bits. No change on a CPU."""
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, tiny_base, write, monkeypatch,
-                                                    lora):
+                                                    lora, deterministic):
     data = write("facts.txt", DATA)
     settings = tiny_settings(tiny_base, epochs=4, save_every=4, lora=lora,
                              lr=1e-2 if lora else 3e-3)

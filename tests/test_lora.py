@@ -64,7 +64,7 @@ def test_merge_writes_a_standalone_run_that_answers_like_the_adapter(lora_run, t
     adapter, whole = load_answerer(str(lora_run)), load_answerer(str(merged))
     assert [a.response for a in adapter.answer(QUESTIONS)] == \
         [a.response for a in whole.answer(QUESTIONS)]
-    ids = torch.tensor([whole.prompt_ids(Example("Say hello.", ""))])
+    ids = torch.tensor([whole.prompt_ids(Example("Say hello.", ""))], device=whole.model.device)
     with torch.no_grad():
         torch.testing.assert_close(whole.model(ids).logits, adapter.model(ids).logits)
 

@@ -43,7 +43,10 @@ def save(folder: Path, done: int, records: list[dict[str, Any]], step_state: dic
     partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    torch.save({**step_state, "rng": torch.get_rng_state()}, partial / TENSORS_FILE)
+    # The GPUs' generators too: LoRA's dropout draws from them when training on CUDA.
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    torch.save({**step_state, "rng": torch.get_rng_state(), "cuda_rng": cuda_rng},
+               partial / TENSORS_FILE)
     state = {**about, "done": done, "records": records}
     (partial / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
     old = folder.with_name(f"{folder.name}.old-{os.getpid()}")
@@ -79,6 +82,9 @@ def restore_rng(checkpoint: Checkpoint) -> None:
     import torch
 
     torch.set_rng_state(checkpoint.tensors["rng"])
+    cuda_rng = checkpoint.tensors.get("cuda_rng") or []
+    if cuda_rng and torch.cuda.is_available() and len(cuda_rng) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_rng)
 
 
 def remove(folder: Path) -> None:
