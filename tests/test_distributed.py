@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from instructlm.distributed import Shard
+from instructlm.distributed import Shard, decoder_layers, launched
 from instructlm.train import train
 
 from conftest import EIGHT_FACTS, tiny_settings
@@ -99,6 +99,40 @@ def test_an_fsdp_run_resumes_where_it_stopped(tmp_path, tiny_base, write):
     a = load_file(tmp_path / "whole" / "model.safetensors")
     b = load_file(tmp_path / "cut" / "model.safetensors")
     assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_fsdp_refuses_fp16_with_a_clear_message(tmp_path, tiny_base, write):
+    data = write("facts.txt", DATA)
+    proc = torchrun("-m", "instructlm", "train", str(data), "--output", "fp16",
+                    *flags(tiny_base, 3e-3, "fp16", lora=False), cwd=tmp_path, fsdp=True)
+    assert proc.returncode != 0
+    assert "error: FSDP trains in bf16 or fp32, not fp16" in proc.stderr
+    # torchrun prints its own traceback on a failed process; instructlm's code none
+    assert 'src/instructlm/' not in proc.stderr and "instructlm/train.py" not in proc.stderr
+    assert not (tmp_path / "fp16").exists()
+
+
+def test_launched_means_a_launcher_with_several_processes_or_fsdp(monkeypatch):
+    for name in ("WORLD_SIZE", "ACCELERATE_USE_FSDP"):
+        monkeypatch.delenv(name, raising=False)
+    assert not launched()  # a plain command
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert not launched()  # torchrun with one process: the plain path
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert launched()  # FSDP asked for, even in one process
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert launched()
+
+
+def test_fsdp_shards_each_decoder_layer_also_under_lora(tiny_base):
+    from instructlm.adapters import LoraSettings, add_lora
+    from instructlm.base import load_model
+
+    model = load_model(str(tiny_base))
+    layers = decoder_layers(model)
+    assert [type(m).__name__ for m in layers] == ["LlamaDecoderLayer"] * 2
+    assert decoder_layers(add_lora(model, LoraSettings())) == layers
 
 
 def test_shards_split_each_global_batch_and_weigh_by_response_tokens():
