@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import re
 import subprocess
 import sys
@@ -139,3 +140,35 @@ def test_lora_on_the_embedded_model_learns_and_merges(tmp_path):
     in_form = sum(follows_taught_format(a["instruction"], a["response"]) for a in adapter)
     assert in_form >= len(adapter) - 1, adapter
     assert all(a["finish_reason"] == "stop" for a in adapter)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["multi_gpu", "fsdp"])
+def test_two_accelerate_processes_train_like_one(spells_run, tmp_path, config):
+    """`accelerate launch` with two CPU processes (DDP, or FSDP) on the real file and model
+    ends where the one-process run does."""
+    info = json.loads((spells_run / "instructlm.json").read_text())
+    precision = info["settings"]["precision_used"]  # the same arithmetic as the plain run
+    accelerate = Path(sys.executable).with_name("accelerate")
+    proc = subprocess.run(
+        [str(accelerate), "launch", "--config_file",
+         str(ROOT / "examples" / "accelerate" / f"{config}.yaml"), "--num_processes", "2",
+         "-m", "instructlm", "train", str(EXAMPLE), "--output", str(tmp_path / "two"),
+         "--precision", precision, "--quiet"],
+        capture_output=True, text=True, timeout=1200, cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "in 2 processes" in proc.stdout and ("(FSDP)" in proc.stdout) == (config == "fsdp")
+
+    def losses(run: Path, key: str) -> list[float]:
+        lines = (run / "losses.jsonl").read_text().splitlines()
+        return [r[key] for r in map(json.loads, lines) if key in r]
+
+    tolerance = 1e-3 if precision == "fp32" else 2e-2
+    assert losses(tmp_path / "two", "loss") == pytest.approx(losses(spells_run, "loss"),
+                                                              rel=tolerance)
+    assert losses(tmp_path / "two", "eval_loss") == pytest.approx(
+        losses(spells_run, "eval_loss"), rel=tolerance)
+    scores = json.loads((tmp_path / "two" / "instructlm.json").read_text())["metrics"]
+    assert scores["answer_scores"]["format"] >= 5 / 6
+    assert scores["answer_scores"]["stopped"] == 1.0
