@@ -112,6 +112,16 @@ def test_fsdp_refuses_fp16_with_a_clear_message(tmp_path, tiny_base, write):
     assert not (tmp_path / "fp16").exists()
 
 
+def test_deepspeed_is_refused_before_anything_starts(monkeypatch):
+    from instructlm.distributed import make_accelerator
+    from instructlm.errors import InstructlmError
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(InstructlmError, match="DeepSpeed is not supported") as refused:
+        make_accelerator()
+    assert "fsdp.yaml" in refused.value.hint
+
+
 def test_launched_means_a_launcher_with_several_processes_or_fsdp(monkeypatch):
     for name in ("WORLD_SIZE", "ACCELERATE_USE_FSDP"):
         monkeypatch.delenv(name, raising=False)

@@ -38,6 +38,10 @@ def make_accelerator() -> Any:
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        raise InstructlmError("instructlm trains with DDP or FSDP; DeepSpeed is not supported",
+                              hint="shard the model with FSDP instead: accelerate launch "
+                                   "--config_file examples/accelerate/fsdp.yaml ...")
     # Without cpu=True, Accelerate leaves CPU processes unaware of each other.
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     supported = {DistributedType.MULTI_CPU, DistributedType.MULTI_GPU, DistributedType.FSDP,
@@ -90,6 +94,8 @@ def shard_model(model: Any, plugin: Any, precision: str) -> None:
     if not isinstance(offload, OffloadPolicy):  # FSDP1's CPUOffload(offload_params=...)
         offload = CPUOffloadPolicy() if getattr(offload, "offload_params", False) \
             else OffloadPolicy()
+    if next(model.parameters()).device.type == "cpu":  # the shards are in CPU memory anyway
+        offload = OffloadPolicy()
     if plugin.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     options = {"mp_policy": mixed, "offload_policy": offload}
