@@ -160,10 +160,13 @@ def _train(data: InstructionSet, output: Path, settings: TrainSettings, force: b
     precision = resolve_precision(settings.precision, device)
     if accelerator:  # every process must train in the precision the main one chose
         precision = broadcast_object_list([precision], from_process=0)[0]
-    if fsdp and precision == "fp16":
-        raise InstructlmError("FSDP trains in bf16 or fp32, not fp16",
-                              hint="pass --precision fp32, or launch with DDP "
-                                   "(distributed_type MULTI_GPU) for fp16")
+    if fsdp and precision == "fp16":  # (FSDP's loss scaling would need every shard's check)
+        if settings.precision != "fp16":  # auto, on a GPU without bf16
+            precision = "fp32"
+        else:
+            raise InstructlmError("FSDP trains in bf16 or fp32, not fp16",
+                                  hint="pass --precision fp32, or launch with DDP "
+                                       "(distributed_type MULTI_GPU) for fp16")
     model = load_for_training(source, settings, device, precision)
     adapted = add_lora(model, settings.lora_settings()) if settings.lora else None
     lora = adapter_summary(adapted) if adapted else None
@@ -181,6 +184,8 @@ def _train(data: InstructionSet, output: Path, settings: TrainSettings, force: b
              "settings": asdict(settings), "force": force}
 
     def save_checkpoint(done: int, records: list[dict[str, Any]], step: TrainStep) -> None:
+        if not (main or step.fsdp):
+            return
         state = step.state_dict()  # with FSDP, every process helps gather it
         if main:
             checkpoints.save(folder, done, records, state, about)
