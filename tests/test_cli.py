@@ -47,6 +47,19 @@ def test_ask_reads_stdin_one_instruction_a_line(cli_run, capsys, monkeypatch):
     assert all(x["finish_reason"] == "stop" for x in lines)
 
 
+@pytest.mark.parametrize("command", ["ask", "eval", "compare", "serve"])
+def test_answering_commands_take_a_device_and_refuse_one_not_here(cli_run, capsys, command):
+    args = {"ask": ["x"], "eval": [], "compare": [], "serve": ["--port", "0"]}[command]
+    assert main([command, str(cli_run), *args, "--device", "cuda:7"]) == 2
+    err = capsys.readouterr().err
+    assert "no such CUDA device" in err and "Traceback" not in err
+
+
+def test_ask_on_the_cpu_answers_as_auto_does_here(cli_run, capsys):
+    assert main(["ask", str(cli_run), "--device", "cpu", "Say hello."]) == 0
+    assert capsys.readouterr().out.splitlines() == ["Hello!"]
+
+
 def test_ask_a_base_model_directly(tiny_base, capsys):
     assert main(["ask", str(tiny_base), "--json", "--max-new-tokens", "3", "Hi"]) == 0
     rec = json.loads(capsys.readouterr().out)

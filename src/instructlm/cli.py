@@ -64,7 +64,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
     quiet_libraries()
     decode = _decode_settings(args)
-    answerer = load_answerer(args.run, args.template, args.trust_remote_code)
+    answerer = load_answerer(args.run, args.template, args.trust_remote_code, args.device)
     interactive = not args.instructions and sys.stdin.isatty()
     if args.instructions:
         items: Iterable[str] = args.instructions
@@ -152,7 +152,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     eval_set = eval_set_for(args.run, args.file)
     if eval_set.note:
         _say(f"note: {eval_set.note}")
-    answerer = load_answerer(args.run, args.template, args.trust_remote_code)
+    answerer = load_answerer(args.run, args.template, args.trust_remote_code, args.device)
     result = evaluate(answerer, eval_set, decode, _decode_label(args), args.batch_size,
                       with_loss=not args.no_loss)
     if args.report:
@@ -178,7 +178,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if eval_set.note:
         _say(f"note: {eval_set.note}")
     results = compare(args.models, eval_set, decodes, with_bases=args.base,
-                      batch_size=args.batch_size, report=lambda m: _say(m, err=True))
+                      batch_size=args.batch_size, report=lambda m: _say(m, err=True),
+                      device=args.device)
     if args.report:
         page = results_page("instructlm compare", results, f"Examples: {eval_set.source}")
         _say(f"Wrote {write_text(args.report, page)}", err=args.json)
@@ -273,7 +274,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     key = args.api_key or os.environ.get(API_KEY_ENV) or None
     settings = ServeSettings(args.max_tokens, args.max_prompt_tokens, key)
     serve(args.run, settings, args.host, args.port, args.compare_base, args.trust_remote_code,
-          report=_say)
+          report=_say, device=args.device)
     return 0
 
 
@@ -342,6 +343,12 @@ def _add_decoding(p: argparse.ArgumentParser) -> None:
     p.add_argument("--template", help="for a base model only: how to show the instruction")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow a hub model to run its own Python code")
+    _add_device(p)
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="where the model answers: auto (default: "
+                   "a CUDA GPU if there is one, else the CPU), cpu, cuda, cuda:N or mps")
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -409,6 +416,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                    help=f"instructions decoded together (default {BATCH_SIZE})")
     p.add_argument("--json", action="store_true", help="print a JSON list of results")
     p.add_argument("--report", metavar="FILE.html", help="also write an HTML report")
+    _add_device(p)
 
     p = add("curve")
     p.add_argument("file", help="instruction file with a held-out ('# _EVAL_') part")
@@ -441,6 +449,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                    help="longest prompt accepted, in tokens (default 2048)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow a hub model to run its own Python code")
+    _add_device(p)
 
     p = add("inspect")
     p.add_argument("file", help="instruction file to check")

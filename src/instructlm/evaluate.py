@@ -139,12 +139,12 @@ def parse_decodes(text: str, max_new_tokens: int) -> list[tuple[str, DecodeSetti
 
 def compare(models: list[str], eval_set: EvalSet, decodes: list[tuple[str, DecodeSettings]],
             with_bases: bool = False, batch_size: int = BATCH_SIZE,
-            report: Report = print) -> list[EvalResult]:
+            report: Report = print, device: str = "auto") -> list[EvalResult]:
     """Every model (runs, base models, and with `with_bases` each run's untuned base, asked
     with the run's template) under every decoding, on the same examples."""
     results = []
     for spec, template, label in _models_to_compare(models, with_bases):
-        answerer = load_answerer(spec, template)
+        answerer = load_answerer(spec, template, device=device)
         answerer.name = label or answerer.name
         loss = answer_loss(answerer, eval_set.examples)
         for label, decode in decodes:

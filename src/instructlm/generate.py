@@ -177,12 +177,14 @@ class Answerer:
 
 
 def load_answerer(spec: str | None, template: str | Template | None = None,
-                  trust_remote_code: bool = False) -> Answerer:
-    """A trained run folder, or a base model (folder, hub id, or the embedded default).
+                  trust_remote_code: bool = False, device: str = "auto") -> Answerer:
+    """A trained run folder, or a base model (folder, hub id, or the embedded default), on
+    `device` (auto: a CUDA GPU if there is one, else the CPU).
 
     A run always uses the template it was trained with; a base model uses `template` (a name,
     a custom string, or a run's Template), or its own chat template, or `seed-en`.
     """
+    where = pick_device(device)  # a wrong name is refused before anything loads
     if spec and is_run(spec):
         info = read_run_info(spec)
         if template is not None:
@@ -192,25 +194,26 @@ def load_answerer(spec: str | None, template: str | Template | None = None,
             model = load_merged(spec, info["base"]["spec"], trust_remote_code)
         else:
             model = load_model(spec)
-        return Answerer(model.to(pick_device()), load_tokenizer(spec),
+        return Answerer(model.to(where), load_tokenizer(spec),
                         Template.from_dict(info["template"]), Path(spec).name)
-    return _load_base(spec, template, trust_remote_code)
+    return _load_base(spec, template, trust_remote_code, where)
 
 
-def load_untuned_base(run: str, trust_remote_code: bool = False) -> Answerer:
+def load_untuned_base(run: str, trust_remote_code: bool = False,
+                      device: str = "auto") -> Answerer:
     """A run's base model before tuning, asked with the run's template (for comparisons)."""
     info = read_run_info(run)
     answerer = _load_base(info["base"]["spec"], Template.from_dict(info["template"]),
-                          trust_remote_code)
+                          trust_remote_code, pick_device(device))
     answerer.name = f"{info['base']['name']} (untuned)"
     return answerer
 
 
 def _load_base(spec: str | None, template: str | Template | None,
-               trust_remote_code: bool) -> Answerer:
+               trust_remote_code: bool, device: str) -> Answerer:
     source = resolve_base(spec)
     tokenizer = load_tokenizer(source, trust_remote_code)
     chosen = template if isinstance(template, Template) else choose_template(template, tokenizer)
     model = load_model(source, trust_remote_code)
-    return Answerer(model.to(pick_device()), tokenizer, chosen, spec or EMBEDDED)
+    return Answerer(model.to(device), tokenizer, chosen, spec or EMBEDDED)
 

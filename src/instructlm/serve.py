@@ -274,7 +274,7 @@ def _playground_page(served: Models, settings: ServeSettings) -> str:
 
 def serve(spec: str, settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000,
           compare_base: bool = False, trust_remote_code: bool = False,
-          report: Callable[[str], None] = print) -> None:
+          report: Callable[[str], None] = print, device: str = "auto") -> None:
     """Load the run (and with `compare_base` its untuned base) and serve until interrupted."""
     from .generate import load_answerer, load_untuned_base
     from .runs import is_run
@@ -285,10 +285,10 @@ def serve(spec: str, settings: ServeSettings, host: str = "127.0.0.1", port: int
     if settings.max_tokens < 1 or settings.max_prompt_tokens < 1:
         raise InstructlmError("--max-tokens and --max-prompt-tokens must be at least 1")
     sock = listen(host, port)  # before the models load, so that a busy port fails at once
-    tuned = load_answerer(spec, None, trust_remote_code)
+    tuned = load_answerer(spec, None, trust_remote_code, device)
     models = {tuned.name: tuned}
     if compare_base:
-        models[f"{tuned.name}:base"] = load_untuned_base(spec, trust_remote_code)
+        models[f"{tuned.name}:base"] = load_untuned_base(spec, trust_remote_code, device)
     app = create_app(models, settings)
     url = f"http://{f'[{host}]' if ':' in host else host}:{sock.getsockname()[1]}"
     report(f"Serving {', '.join(models)}: the web page at {url}/ and OpenAI's API at {url}/v1"
