@@ -1,8 +1,8 @@
 """Checkpoints during training (`--save-every N`) and resuming an interrupted run (`--resume`).
 
 A checkpoint sits beside the run it will become, in RUN.checkpoint/: the trained weights in
-full precision, AdamW's state and the schedule, the random number generator, the loss
-records so far, and what is needed to start the same training again (file, its SHA-256,
+full precision, AdamW's state and the schedule, every process's random number generators,
+the loss records so far, and what is needed to start the same training again (file, its SHA-256,
 settings). Resuming replays the same batch order and restores all of that, so a resumed run
 ends where an uninterrupted one would. The folder is removed once the run is saved.
 """
@@ -32,21 +32,28 @@ class Checkpoint:
 
     done: int
     records: list[dict[str, Any]]
-    tensors: dict[str, Any]  # TrainStep.state_dict() and the random number generator
+    tensors: dict[str, Any]  # TrainStep.state_dict() and the random number generators
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's random number generators: the CPU's, and the GPUs' (LoRA's dropout
+    draws from them when training on CUDA)."""
+    import torch
+
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def save(folder: Path, done: int, records: list[dict[str, Any]], step_state: dict[str, Any],
-         about: dict[str, Any]) -> None:
-    """Write the checkpoint next to the old one, then swap: a kill leaves one whole."""
+         about: dict[str, Any], rng_states: list[dict[str, Any]]) -> None:
+    """Write the checkpoint next to the old one, then swap: a kill leaves one whole.
+    `rng_states` holds rng_state() of every process, in process order."""
     import torch
 
     partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    # The GPUs' generators too: LoRA's dropout draws from them when training on CUDA.
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    torch.save({**step_state, "rng": torch.get_rng_state(), "cuda_rng": cuda_rng},
-               partial / TENSORS_FILE)
+    torch.save({**step_state, "rng_states": rng_states}, partial / TENSORS_FILE)
     state = {**about, "done": done, "records": records}
     (partial / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
     old = folder.with_name(f"{folder.name}.old-{os.getpid()}")
@@ -78,13 +85,16 @@ def load(folder: Path) -> Checkpoint:
     return Checkpoint(about["done"], about["records"], tensors)
 
 
-def restore_rng(checkpoint: Checkpoint) -> None:
+def restore_rng(checkpoint: Checkpoint, process: int = 0) -> None:
+    """Give this process the generators it had at the checkpoint."""
     import torch
 
-    torch.set_rng_state(checkpoint.tensors["rng"])
-    cuda_rng = checkpoint.tensors.get("cuda_rng") or []
-    if cuda_rng and torch.cuda.is_available() and len(cuda_rng) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda_rng)
+    states = checkpoint.tensors["rng_states"]
+    state = states[process] if process < len(states) else states[0]
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] and torch.cuda.is_available() \
+            and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def remove(folder: Path) -> None:

@@ -117,6 +117,13 @@ def broadcast_object_list(objects: list[Any], from_process: int = 0) -> list[Any
     return broadcast(objects, from_process=from_process)
 
 
+def gather_objects(objects: list[Any]) -> list[Any]:
+    """Every process's `objects`, concatenated in process order (every process must call)."""
+    from accelerate.utils import gather_object
+
+    return gather_object(objects)
+
+
 class Shard:
     """This process's part of each global batch."""
 

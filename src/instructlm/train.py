@@ -21,6 +21,7 @@ from .distributed import (
     Shard,
     broadcast_object_list,
     fsdp_plugin,
+    gather_objects,
     launched,
     main_process,
     make_accelerator,
@@ -184,11 +185,13 @@ def _train(data: InstructionSet, output: Path, settings: TrainSettings, force: b
              "settings": asdict(settings), "force": force}
 
     def save_checkpoint(done: int, records: list[dict[str, Any]], step: TrainStep) -> None:
-        if not (main or step.fsdp):
-            return
-        state = step.state_dict()  # with FSDP, every process helps gather it
+        # Every process's generators (each draws its own dropout masks); with FSDP every
+        # process also helps gather the training state.
+        rngs = gather_objects([checkpoints.rng_state()]) if accelerator \
+            else [checkpoints.rng_state()]
+        state = step.state_dict() if main or step.fsdp else None
         if main:
-            checkpoints.save(folder, done, records, state, about)
+            checkpoints.save(folder, done, records, state, about, rngs)
 
     started = time.perf_counter()
     losses, step = fit(model, train_set, eval_set, settings, tokenizer.pad_token_id, device,
@@ -310,7 +313,7 @@ def fit(model: Any, train_set: list[EncodedExample], eval_set: list[EncodedExamp
     skip = 0  # steps a resumed run has done already
     if resumed is not None:
         step.load_state_dict(resumed.tensors)
-        checkpoints.restore_rng(resumed)
+        checkpoints.restore_rng(resumed, shard.rank)
         records, skip = list(resumed.records), resumed.done
     bar = tqdm(total=total, initial=skip, desc="training", unit="step",
                disable=not progress, leave=False)
