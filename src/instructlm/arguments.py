@@ -1,0 +1,184 @@
+"""The command line's options: every command's arguments, their defaults and help."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Callable
+
+from .generate import BATCH_SIZE
+
+EPILOG = "Run 'instructlm COMMAND --help' for the options of a command."
+API_KEY_ENV = "INSTRUCTLM_API_KEY"  # a key in the environment, not in `ps` output
+
+
+def _add_training(p: argparse.ArgumentParser) -> None:
+    from .devices import PRECISIONS
+    from .train import FULL_LR, LORA_LR, TrainSettings
+
+    d = TrainSettings()
+    p.add_argument("--base", help="base model: a model folder, a Hugging Face hub id, or "
+                                  "'embedded' (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a hub model to run its own Python code (only for ids you trust)")
+    p.add_argument("--template", help="seed-de, seed-en, chat, or a string with {instruction} "
+                                      "(default: the base model's chat template, else seed-en)")
+    p.add_argument("--epochs", type=int, help=f"passes over the data (default {d.epochs})")
+    p.add_argument("--lr", type=float, help=f"peak learning rate (default {FULL_LR:g}, with "
+                                            f"--lora {LORA_LR:g})")
+    p.add_argument("--batch-size", type=int, help=f"examples a step (default {d.batch_size})")
+    p.add_argument("--max-length", type=int,
+                   help=f"tokens per example, prompt + response (default {d.max_length})")
+    p.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="auto (default): bf16 where this CPU or GPU computes it faster, fp16 "
+                        "with loss scaling on GPUs without bf16, else fp32")
+    p.add_argument("--device", help="auto (default: a CUDA GPU if there is one, else the "
+                                    "CPU), cpu, cuda, cuda:N or mps")
+    p.add_argument("--no-end-token", dest="end_token", action="store_false", default=None,
+                   help="do not teach the end token (the tutorial's way, to compare: answers "
+                        "then run on to --max-new-tokens)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    lora = p.add_argument_group("LoRA", "train small adapters beside frozen base weights; the "
+                                        "run then stores only the adapter")
+    lora.add_argument("--lora", action="store_true", default=None, help="train LoRA adapters")
+    lora.add_argument("--lora-rank", type=int, help=f"adapter rank (default {d.lora_rank})")
+    lora.add_argument("--lora-alpha", type=int,
+                      help=f"adapter scale numerator (default {d.lora_alpha})")
+    lora.add_argument("--lora-dropout", type=float,
+                      help=f"dropout on the adapters' input (default {d.lora_dropout})")
+    lora.add_argument("--lora-targets", help="layer names to adapt, comma-separated (default: "
+                                             "attention and MLP layers of the architecture)")
+
+
+def _add_decoding(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--beams", type=int, default=1, help="beam search with N beams "
+                                                         "(default 1: greedy)")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=0.7, help="with --sample (default 0.7)")
+    p.add_argument("--top-p", type=float, default=0.95, help="with --sample (default 0.95)")
+    p.add_argument("--seed", type=int, default=0, help="with --sample (default 0)")
+    p.add_argument("--no-repeat-ngram", type=int, default=0,
+                   help="forbid repeating any N-gram (default 0: off)")
+    p.add_argument("--max-new-tokens", type=int, default=200,
+                   help="longest answer in tokens (default 200)")
+    p.add_argument("--stop", action="append", metavar="TEXT",
+                   help="end the answer where TEXT appears (repeatable)")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE,
+                   help=f"instructions decoded together (default {BATCH_SIZE})")
+    p.add_argument("--template", help="for a base model only: how to show the instruction")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a hub model to run its own Python code")
+    _add_device(p)
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="where the model answers: auto (default: "
+                   "a CUDA GPU if there is one, else the CPU), cpu, cuda, cuda:N or mps")
+
+
+def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]
+                 ) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser and one parser per command; each command's docstring is its
+    help."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="instructlm", epilog=EPILOG, description=(
+        "Teach a pretrained language model your own instructions from a text file."))
+    parser.add_argument("--version", action="version", version=f"instructlm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    parsers: dict[str, argparse.ArgumentParser] = {}
+
+    def add(name: str) -> argparse.ArgumentParser:
+        doc = (commands[name].__doc__ or "").strip()
+        p = parsers[name] = sub.add_parser(name, help=doc, description=doc)
+        p.set_defaults(func=commands[name])
+        return p
+
+    p = add("train")
+    p.add_argument("file", nargs="?",
+                   help="instruction file (instruction#response a line, or JSONL)")
+    p.add_argument("--output", "-o", help="run folder (default: runs/<file name>)")
+    _add_training(p)
+    p.add_argument("--force", action="store_true", help="replace an existing run")
+    p.add_argument("--save-every", type=int, metavar="N",
+                   help="save a checkpoint every N steps, beside the run (default: none)")
+    p.add_argument("--resume", metavar="RUN",
+                   help="continue the interrupted run RUN from its last checkpoint")
+
+    p = add("ask")
+    p.add_argument("run", help="a trained run folder, or a base model to see untuned answers "
+                               "('embedded', a model folder, a hub id)")
+    p.add_argument("instructions", nargs="*", help="instructions; without them, one a line "
+                                                    "from standard input")
+    p.add_argument("--json", action="store_true", help="one JSON object per answer and line")
+    _add_decoding(p)
+
+    p = add("eval")
+    p.add_argument("run", help="a trained run folder (or a base model, with FILE)")
+    p.add_argument("file", nargs="?", help="instruction file to evaluate on: its eval part, or "
+                                           "all of it if it has none (default: the run's own "
+                                           "eval part)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--report", metavar="FILE.html", help="also write an HTML report")
+    p.add_argument("--no-loss", action="store_true", help="skip the eval loss")
+    _add_decoding(p)
+
+    p = add("compare")
+    p.add_argument("models", nargs="+", help="runs and/or base models ('embedded', a folder, "
+                                             "a hub id)")
+    p.add_argument("--base", action="store_true",
+                   help="also score each run's untuned base model, asked with the run's template")
+    p.add_argument("--file", help="instruction file to evaluate on (default: the first run's "
+                                  "own eval part)")
+    p.add_argument("--decode", default="greedy", help="decodings to try, comma-separated: "
+                   "greedy, beamsN, sampleT (temperature T) (default: greedy)")
+    p.add_argument("--max-new-tokens", type=int, default=200,
+                   help="longest answer in tokens (default 200)")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE,
+                   help=f"instructions decoded together (default {BATCH_SIZE})")
+    p.add_argument("--json", action="store_true", help="print a JSON list of results")
+    p.add_argument("--report", metavar="FILE.html", help="also write an HTML report")
+    _add_device(p)
+
+    p = add("curve")
+    p.add_argument("file", help="instruction file with a held-out ('# _EVAL_') part")
+    p.add_argument("--sizes", help="numbers of training examples, e.g. 4,8,16,all; 0 is the "
+                                   "untuned model (default: 0,4,8,16,... and all)")
+    p.add_argument("--output", "-o", help="folder for curve.png, report.html and curve.json "
+                                          "(default: runs/<file name>-curve)")
+    p.add_argument("--max-new-tokens", type=int, default=200,
+                   help="longest answer in tokens (default 200)")
+    p.add_argument("--json", action="store_true", help="print the points as JSON")
+    _add_training(p)
+
+    p = add("merge")
+    p.add_argument("run", help="a run trained with --lora")
+    p.add_argument("--output", "-o", help="folder for the merged run (default: RUN-merged)")
+    p.add_argument("--force", action="store_true", help="replace an existing run there")
+
+    p = add("serve")
+    p.add_argument("run", help="a trained run folder (or a base model, untuned)")
+    p.add_argument("--compare-base", action="store_true",
+                   help="also serve the run's untuned base model, shown beside it on the page")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free)")
+    p.add_argument("--api-key", help=f"require this key as 'Authorization: Bearer KEY' "
+                                     f"(default: ${API_KEY_ENV}, else none)")
+    p.add_argument("--max-tokens", type=int, default=256,
+                   help="most new tokens of one answer, and the default (default 256)")
+    p.add_argument("--max-prompt-tokens", type=int, default=2048,
+                   help="longest prompt accepted, in tokens (default 2048)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a hub model to run its own Python code")
+    _add_device(p)
+
+    p = add("inspect")
+    p.add_argument("file", help="instruction file to check")
+    p.add_argument("--base", help="model whose tokenizer counts the tokens (default: embedded)")
+    p.add_argument("--template", help="template used for the token counts (default: as train)")
+    p.add_argument("--no-tokens", action="store_true",
+                   help="skip token counts (no model needed)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser, parsers
