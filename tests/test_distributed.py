@@ -45,11 +45,11 @@ def torchrun(*args: str, cwd: Path, fsdp: bool = False) -> subprocess.CompletedP
                           cwd=cwd)
 
 
-def flags(base: Path, lr: float, precision: str, lora: bool) -> list[str]:
+def flags(base: Path, lr: float, precision: str, lora: bool, dropout: float = 0.0) -> list[str]:
     """The command line of tiny_settings(base, epochs=6, ...)."""
     return (["--base", str(base), "--template", "seed-en", "--epochs", "6", "--batch-size", "3",
              "--lr", str(lr), "--seed", "0", "--precision", precision, "--quiet"]
-            + (["--lora", "--lora-dropout", "0"] if lora else []))
+            + (["--lora", "--lora-dropout", str(dropout)] if lora else []))
 
 
 @pytest.mark.parametrize("fsdp, lora, precision, tolerance", [
@@ -86,9 +86,8 @@ def test_two_processes_give_the_loss_curve_of_one(tmp_path, tiny_base, write, fs
 def test_a_resumed_multi_process_run_equals_an_uninterrupted_one(tmp_path, tiny_base, write,
                                                                  fsdp, lora):
     data = write("facts.txt", DATA)
-    args = flags(tiny_base, 1e-2 if lora else 3e-3, "bf16", lora)
-    if lora:  # dropout: each process draws its own masks, and must draw them again alike
-        args[args.index("--lora-dropout") + 1] = "0.1"
+    # With dropout, each process draws its own masks, and must draw them again alike.
+    args = flags(tiny_base, 1e-2 if lora else 3e-3, "bf16", lora, dropout=0.1)
     whole = torchrun("-m", "instructlm", "train", str(data), "--output", "whole", *args,
                      cwd=tmp_path, fsdp=fsdp)
     assert whole.returncode == 0, whole.stderr[-3000:]

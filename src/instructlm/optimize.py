@@ -35,8 +35,8 @@ class TrainStep:
         self.sparse_embedding = sparse_embedding and self.world == 1 and _sparse_embedding(model)
         if self.fsdp:  # before the optimizer sees the parameters, which become shards
             shard_model(model, fsdp, precision)
-            # Through the model's own forward, whose hooks gather the sharded weights; FSDP
-            # casts to bf16 itself.
+            # Through the model's own forward, whose hooks gather the sharded weights. FSDP
+            # casts to bf16 itself over fp32 shards: no autocast and no master copies here.
             labels_only, share_prefix, precision = False, False, "fp32"
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.names = [n for n, _ in named]
