@@ -27,7 +27,7 @@ class TrainStep:
 
         from .distributed import shard_model
 
-        self.model, self.device, self.precision = model, device, precision
+        self.model = model
         self.accelerator, self.fsdp = accelerator, fsdp is not None
         self.world = accelerator.num_processes if accelerator else 1
         # DistributedDataParallel averages dense gradients; the sparse embedding trick stays
