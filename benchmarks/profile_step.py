@@ -10,7 +10,8 @@ measured in the same process, / 6 x parameters). The variants add one change at 
     plain         fp32, every example's logits, dense embedding gradient
     +labels       the output layer only where there are labels
     +sparse       a sparse gradient for the (tied) input embedding
-    +prefix       a prompt opening shared by the batch computed once: instructlm's fp32 path
+    +prefix       a prompt opening shared by the batch computed once
+    +packed       each batch's rows packed into one, without padding: instructlm's fp32 path
     grouped       +prefix with batches grouped by length (less padding; not used: it hurt the
                   held-out answers, see train.py)
     bf16-autocast bf16 compute under autocast, fp32 weights
@@ -36,8 +37,8 @@ from instructlm.optimize import TrainStep
 from instructlm.templates import choose_template
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = ["plain", "+labels", "+sparse", "+prefix", "grouped", "bf16-autocast", "bf16-master",
-            "eager"]
+VARIANTS = ["plain", "+labels", "+sparse", "+prefix", "+packed", "grouped", "bf16-autocast",
+            "bf16-master", "eager"]
 
 
 def run_variant(name: str, source: str, encoded: list, pad_id: int, epochs: int,
@@ -50,7 +51,8 @@ def run_variant(name: str, source: str, encoded: list, pad_id: int, epochs: int,
                      total_steps=steps_per_epoch * epochs + 1, device="cpu",
                      precision="bf16" if name.startswith("bf16") else "fp32",
                      labels_only=later >= 1, sparse_embedding=later >= 2,
-                     share_prefix=later >= 3, master_weights=name != "bf16-autocast")
+                     share_prefix=later >= 3, pack=later >= 4 and name != "grouped",
+                     master_weights=name != "bf16-autocast")
     generator = torch.Generator().manual_seed(0)
     lengths = [len(e.input_ids) for e in encoded]
     step(collate(encoded[:batch_size], pad_id))  # warm-up: allocations, kernel choice

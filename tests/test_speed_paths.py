@@ -12,6 +12,7 @@ import torch
 from instructlm import devices
 from instructlm.encode import IGNORE_INDEX, collate, encode_examples
 from instructlm.formats import Example
+from instructlm import loss as loss_module
 from instructlm.loss import batch_loss, shared_prefix_length
 from instructlm.optimize import TrainStep
 from instructlm.templates import parse_template
@@ -231,3 +232,44 @@ def test_dropping_finished_answers_samples_reproducibly(tiny_tokenizer):
             runs.append(decode_dropping_finished(model, ids, mask, 8, [-1], sample=True,
                                                  temperature=0.7, top_p=0.9))
     assert runs[0] == runs[1] and all(len(r) == 8 for r in runs[0])
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_packed_rows_give_the_padded_rows_loss_and_gradients(tiny_tokenizer, encoded,
+                                                            share_prefix, monkeypatch):
+    """One packed row without padding: the same loss and gradients as the padded rows."""
+    batch = collate(encoded, tiny_tokenizer.pad_token_id)
+    assert (batch["attention_mask"] == 0).any()  # there is padding to leave out
+    # Whether it pays is the next test's matter: here the two must agree.
+    monkeypatch.setattr(loss_module, "_packing_pays", lambda *args: True)
+    packed = make_tiny_model(tiny_tokenizer)
+    padded = copy.deepcopy(packed)
+    calls = []
+    packed.model.register_forward_hook(lambda m, args, kwargs, out: calls.append(
+        kwargs["input_ids"].shape), with_kwargs=True)
+    a = batch_loss(packed, batch, "cpu", "fp32", share_prefix=share_prefix, pack=True)
+    b = batch_loss(padded, batch, "cpu", "fp32", share_prefix=share_prefix, pack=False)
+    shared = shared_prefix_length(batch) if share_prefix else 0
+    assert shared or not share_prefix
+    # One call, one row: every real token once, the shared prefix once for all rows.
+    assert calls == [(1, int(batch["attention_mask"].sum()) - (len(encoded) - 1) * shared)]
+    a.backward()
+    b.backward()
+    assert a.item() == pytest.approx(b.item(), rel=1e-5)
+    for x, y in zip(packed.parameters(), padded.parameters(), strict=True):
+        assert torch.allclose(x.grad, y.grad, atol=1e-6)
+
+
+def test_packing_is_left_out_where_it_would_cost_more():
+    """Attention in a packed row spans every example: with long examples and little padding
+    the padded rows are cheaper, and a batch without padding has nothing to gain."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=576, intermediate_size=1536)  # the embedded model's
+    mask = torch.ones(2, 100, dtype=torch.long)
+    assert not loss_module._packing_pays(config, mask, 0)  # no padding
+    mask[1, 90:] = 0
+    assert loss_module._packing_pays(config, mask, 0)  # short: the padding costs more
+    long = torch.ones(8, 2000, dtype=torch.long)
+    long[1:, 1900:] = 0
+    assert not loss_module._packing_pays(config, long, 0)  # long: attention costs more

@@ -15,13 +15,14 @@ MIN_SHARED_PREFIX = 8  # tokens; below this the extra call costs more than it sa
 
 
 def batch_loss(model: Any, batch: dict[str, Any], device: str, precision: str,
-               labels_only: bool = True, share_prefix: bool = True) -> Any:
+               labels_only: bool = True, share_prefix: bool = True, pack: bool = True) -> Any:
     """Mean cross-entropy over the response tokens of one collated batch.
 
     With `labels_only` the output layer runs only where there is a label: prompt positions
     carry no loss, and with a 49k-word vocabulary the output layer over every position was
     about a tenth of a training step. With `share_prefix` a prompt opening that every row
-    shares is computed once (see `_hidden_states`).
+    shares is computed once (see `_hidden_states`); with `pack` the rows run without their
+    padding (see `_packed_hidden_states`).
     """
     import torch
 
@@ -33,10 +34,9 @@ def batch_loss(model: Any, batch: dict[str, Any], device: str, precision: str,
     with torch.autocast(device_type=kind, dtype=half or torch.bfloat16, enabled=cast):
         if not (labels_only and model.config.model_type in PLAIN_HEAD_MODELS):
             return model(**batch).loss
-        start, hidden = _hidden_states(model, batch, share_prefix)
-        targets = batch["labels"][:, start + 1:]  # position t predicts token t + 1
+        hidden, targets = _hidden_states(model, batch, share_prefix, pack)
         keep = targets != IGNORE_INDEX
-        logits = model.get_output_embeddings()(hidden[:, :-1][keep])
+        logits = model.get_output_embeddings()(hidden[keep])
     return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
 
 
@@ -57,29 +57,88 @@ def shared_prefix_length(batch: dict[str, Any]) -> int:
     return n if n >= MIN_SHARED_PREFIX else 0
 
 
-def _hidden_states(model: Any, batch: dict[str, Any], share_prefix: bool) -> tuple[int, Any]:
-    """(start, last hidden states from position `start` on) of the model's decoder.
+def _hidden_states(model: Any, batch: dict[str, Any], share_prefix: bool,
+                   pack: bool) -> tuple[Any, Any]:
+    """The decoder's last hidden states and, for each, the token it predicts (IGNORE_INDEX
+    where there is no label), both with the same leading shape.
 
-    A prefix every row shares is run once and its keys and values repeated for every row:
-    the same numbers (and gradients) as running it in each row, at a fraction of the cost
-    when the template's opening is a third of each short example.
+    A prefix every row shares is run once and its keys and values serve every row: the same
+    numbers (and gradients) as running it in each row, at a fraction of the cost when the
+    template's opening is a third of each short example.
     """
     import torch
 
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    start = (shared_prefix_length(batch)
-             if share_prefix and model.config.model_type in LLAMA_LIKE_MODELS else 0)
-    if not start:
-        return 0, model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    llama_like = model.config.model_type in LLAMA_LIKE_MODELS
+    start = shared_prefix_length(batch) if share_prefix and llama_like else 0
     decoder = model.base_model
+    if pack and llama_like and model.config._attn_implementation == "sdpa" \
+            and _packing_pays(model.config, mask, start):
+        return _packed_hidden_states(decoder, batch, start)
+    targets = labels[:, start + 1:]  # position t predicts token t + 1
+    if not start:
+        hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        return hidden[:, :-1], targets
     name = cache_argument(decoder)
-    first = decoder(input_ids=ids[:1, :start], use_cache=True)
-    cache = getattr(first, name)
+    cache = getattr(decoder(input_ids=ids[:1, :start], use_cache=True), name)
     cache.batch_repeat_interleave(ids.shape[0])
     positions = torch.arange(start, ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
-    out = decoder(input_ids=ids[:, start:], attention_mask=mask, position_ids=positions,
-                  use_cache=True, **{name: cache})
-    return start, out.last_hidden_state
+    hidden = decoder(input_ids=ids[:, start:], attention_mask=mask, position_ids=positions,
+                     use_cache=True, **{name: cache}).last_hidden_state
+    return hidden[:, :-1], targets
+
+
+def _packing_pays(config: Any, mask: Any, start: int) -> bool:
+    """Whether one packed row (no padding, but attention over all of it) costs fewer
+    multiply-adds than the padded rows. Attention in the packed row also spans the other
+    examples, masked out, so with long examples padding is the cheaper waste."""
+    rows, width = mask.shape
+    tokens = int(mask.sum()) - (rows - 1) * start  # the shared prefix once
+    if rows < 2 or tokens == rows * width - (rows - 1) * start:
+        return False
+    hidden = config.hidden_size
+    per_token = 4 * hidden * hidden + 3 * hidden * config.intermediate_size  # ~ weights
+    per_key = 2 * hidden  # scores and weighted values, per query and key
+    padded = (start + rows * (width - start)) * per_token \
+        + rows * (width - start) * per_key * width
+    packed = tokens * (per_token + per_key * tokens)
+    return packed < padded
+
+
+def _packed_hidden_states(decoder: Any, batch: dict[str, Any],
+                          start: int) -> tuple[Any, Any]:
+    """The batch as one row without padding ("padding-free" packing): the shared prefix
+    once, then every row's tokens after it, each attending to the prefix and causally to its
+    own tokens only.
+
+    Random batches of short examples were about a third padding after the prefix; grouping
+    rows by length would remove it too but makes batches of one kind of example, which hurt
+    what the model learned (see train.py). In one row every weight also meets the prefix
+    and the rest in one product, where a separate prefix call needed two and a sum.
+    """
+    import torch
+
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    device = ids.device
+    pieces, positions, targets = [ids[0, :start]], [torch.arange(start, device=device)], []
+    segments = [torch.full((start,), -1, device=device)]  # -1: the shared prefix
+    if start:
+        targets.append(labels.new_full((start,), IGNORE_INDEX))  # prompt: no labels there
+    for row in range(ids.shape[0]):
+        real = mask[row].bool()
+        n = int(real.sum())
+        pieces.append(ids[row][real][start:])
+        positions.append(torch.arange(start, n, device=device))
+        follow = labels[row][real][start + 1:]  # position t predicts token t + 1
+        targets.append(torch.cat([follow, follow.new_full((1,), IGNORE_INDEX)]))
+        segments.append(torch.full((n - start,), row, device=device))
+    segment = torch.cat(segments)
+    index = torch.arange(len(segment), device=device)
+    allowed = (index[:, None] >= index[None, :]) \
+        & ((segment[:, None] == segment[None, :]) | (segment[None, :] == -1))
+    hidden = decoder(input_ids=torch.cat(pieces)[None], attention_mask=allowed[None, None],
+                     position_ids=torch.cat(positions)[None]).last_hidden_state
+    return hidden[0], torch.cat(targets)
 
 
 def mean_loss(model: Any, examples: list[EncodedExample], batch_size: int, pad_id: int,

@@ -21,7 +21,8 @@ class TrainStep:
     def __init__(self, model: Any, lr: float, weight_decay: float, warmup_ratio: float,
                  total_steps: int, device: str, precision: str, labels_only: bool = True,
                  master_weights: bool = True, sparse_embedding: bool = True,
-                 share_prefix: bool = True, accelerator: Any = None, fsdp: Any = None) -> None:
+                 share_prefix: bool = True, pack: bool = True, accelerator: Any = None,
+                 fsdp: Any = None) -> None:
         import torch
         from transformers import get_linear_schedule_with_warmup
 
@@ -37,7 +38,7 @@ class TrainStep:
             shard_model(model, fsdp, precision)
             # Through the model's own forward, whose hooks gather the sharded weights. FSDP
             # casts to bf16 itself over fp32 shards: no autocast and no master copies here.
-            labels_only, share_prefix, precision = False, False, "fp32"
+            labels_only, share_prefix, pack, precision = False, False, False, "fp32"
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
@@ -49,7 +50,7 @@ class TrainStep:
             # Parameters only: buffers such as rotary frequencies stay fp32.
             for p in self.params:
                 p.data = p.data.to(torch.bfloat16)
-        self.loss = loss_module(model, device, precision, labels_only, share_prefix)
+        self.loss = loss_module(model, device, precision, labels_only, share_prefix, pack)
         if self.world > 1 and not self.fsdp:  # wrapped in DDP (once the weights have their
             # dtype), whose backward averages the gradients of every process
             self.loss = accelerator.prepare_model(self.loss, device_placement=False)
@@ -176,7 +177,7 @@ def _full_state(**options: Any) -> Any:
 
 
 def loss_module(model: Any, device: str, precision: str, labels_only: bool,
-                share_prefix: bool) -> Any:
+                share_prefix: bool, pack: bool) -> Any:
     """The training loss of `model` as a module of its own, so that DistributedDataParallel
     can wrap it: its backward then averages the gradients of every process."""
     import torch
@@ -187,7 +188,8 @@ def loss_module(model: Any, device: str, precision: str, labels_only: bool,
             self.model = model
 
         def forward(self, batch: dict[str, Any]) -> Any:
-            return batch_loss(self.model, batch, device, precision, labels_only, share_prefix)
+            return batch_loss(self.model, batch, device, precision, labels_only, share_prefix,
+                              pack)
 
     return LossOf()
 
