@@ -51,3 +51,14 @@ def test_text_that_only_looked_like_a_stop_is_let_through():
 def test_leading_and_trailing_whitespace_never_streams():
     out, stopped = streamed(["\n ", " Hi", " there ", "\n"], ())
     assert out == ["", "Hi", " there", "", ""] and not stopped
+
+
+def test_a_stop_text_that_began_earlier_wins_over_one_completed_first():
+    """With stops "a" and "bab", "bab" is cut before its "b" even though "a" is complete
+    first: the whole answer "bab" is cut to nothing, so the stream must wait and see."""
+    cutter = TextCutter(("a", "bab"))
+    assert [cutter.feed(p) for p in ("b", "a", "b")] == ["", "", ""]
+    assert cutter.stopped and cutter.finish() == ""
+    cutter = TextCutter(("a", "bab"))
+    assert [cutter.feed(p) for p in ("b", "a", "c")] == ["", "", "b"]
+    assert cutter.stopped

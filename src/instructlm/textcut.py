@@ -21,20 +21,32 @@ class TextCutter:
         if self.stopped:
             return ""
         self.pending += text
-        hits = [self.pending.find(s) for s in self.stops if s in self.pending]
-        if hits:
-            self.stopped = True
-            out, self.pending = self.pending[:min(hits)].rstrip(), ""
-            return self._lead(out)
-        # Held back: what may begin a stop text, and the whitespace before it.
-        cut = len(self.pending) - max([0, *(self._stop_prefix(s) for s in self.stops)])
-        cut = len(self.pending[:cut].rstrip())
+        # What may begin a stop text is held back, with the whitespace before it.
+        held = max([0, *(self._stop_prefix(s) for s in self.stops)])
+        hit = self._first_stop()
+        if hit is not None:
+            if hit <= len(self.pending) - held:
+                return self._cut(hit)
+            return ""  # a stop text that begins earlier may still come: wait for it
+        cut = len(self.pending[:len(self.pending) - held].rstrip())
         out, self.pending = self.pending[:cut], self.pending[cut:]
         return self._lead(out)
 
     def finish(self) -> str:
-        """What was held back, once the answer has ended without a stop text."""
+        """What was held back, once the answer has ended."""
+        hit = self._first_stop()
+        if hit is not None:
+            return self._cut(hit)
         out, self.pending = self.pending.rstrip(), ""
+        return self._lead(out)
+
+    def _first_stop(self) -> int | None:
+        hits = [self.pending.find(s) for s in self.stops if s in self.pending]
+        return min(hits) if hits else None
+
+    def _cut(self, hit: int) -> str:
+        self.stopped = True
+        out, self.pending = self.pending[:hit].rstrip(), ""
         return self._lead(out)
 
     def _stop_prefix(self, stop: str) -> int:
