@@ -273,3 +273,52 @@ def test_packing_is_left_out_where_it_would_cost_more():
     long = torch.ones(8, 2000, dtype=torch.long)
     long[1:, 1900:] = 0
     assert not loss_module._packing_pays(config, long, 0)  # long: attention costs more
+
+
+def test_lookup_decoding_keeps_the_greedy_answer(tiny_tokenizer):
+    """A lone greedy answer continues by prompt lookup: fewer calls of the model, the same
+    tokens as `generate`, also where a proposed token is the end token."""
+    from transformers import GenerationConfig
+
+    from instructlm.decoding import decode_dropping_finished
+
+    model = make_tiny_model(tiny_tokenizer).eval()
+    # This random model repeats the prompt's last token; the prompt holds that token twice
+    # followed by others, which lookup then proposes, wrongly.
+    ids = torch.tensor([tiny_tokenizer("Tell me a spell.")["input_ids"] + [23, 23, 40, 41, 23]])
+    mask = torch.ones_like(ids)
+    width = ids.shape[1]
+
+    def greedy(limit, end):
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask,
+                                 generation_config=GenerationConfig(
+                                     max_new_tokens=limit, do_sample=False, eos_token_id=[end],
+                                     pad_token_id=tiny_tokenizer.pad_token_id))
+        return _until_end(out[0, width:].tolist(), end)
+
+    calls = []
+    model.register_forward_pre_hook(
+        lambda m, args, kwargs: calls.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    free = greedy(80, -5)
+    with torch.inference_mode():
+        calls.clear()
+        got = decode_dropping_finished(model, ids, mask, 80, [-5])[0]
+    assert got == free
+    # The 80 tokens took far fewer calls, some of which checked proposals that were wrong.
+    assert len(calls) < 20 and max(calls[1:]) > 1
+    assert sum(calls[1:]) > len(got) - 1
+    end = free[50]
+    with torch.inference_mode():
+        assert decode_dropping_finished(model, ids, mask, 80, [end])[0] == greedy(80, end)
+        assert len(decode_dropping_finished(model, ids, mask, 37, [-5])[0]) == 37
+
+
+def test_look_up_proposes_what_followed_the_last_tokens_before():
+    from instructlm.decoding import _look_up
+
+    assert _look_up([5, 6, 7, 8, 5, 6], 2) == [7, 8]  # after "5 6" came "7 8"
+    assert _look_up([1, 2, 9, 1, 3, 9], 3) == [1, 3, 9]  # the latest "9": "1 3", then on
+    assert _look_up([4, 5, 4, 5], 5) == [4, 5, 4, 5, 4]  # a repetition repeats on
+    assert _look_up([1, 2, 3], 4) == []  # "3" did not occur before
+    assert _look_up([7], 3) == []
