@@ -322,3 +322,22 @@ def test_look_up_proposes_what_followed_the_last_tokens_before():
     assert _look_up([4, 5, 4, 5], 5) == [4, 5, 4, 5, 4]  # a repetition repeats on
     assert _look_up([1, 2, 3], 4) == []  # "3" did not occur before
     assert _look_up([7], 3) == []
+
+
+def test_streamed_text_adds_up_to_the_answer_and_stops_when_asked(tiny_tokenizer):
+    """Streaming goes through the same decoding (prompt lookup included): the same text
+    and tokens as the whole answer, and it ends early once asked to."""
+    from instructlm.generate import Answerer, DecodeSettings
+
+    answerer = Answerer(make_tiny_model(tiny_tokenizer), tiny_tokenizer,
+                        parse_template("seed-en"), "tiny")
+    decode = DecodeSettings(max_new_tokens=60)
+    whole = next(answerer.answer(["Tell me a spell."], decode))
+    pieces: list[str] = []
+    streamed = answerer.answer_streaming("Tell me a spell.", decode, pieces.append)
+    assert streamed == whole and whole.new_tokens == 60
+    assert "".join(pieces).strip() == whole.response
+    asked = []
+    short = answerer.answer_streaming("Tell me a spell.", decode, lambda text: None,
+                                      should_stop=lambda: asked.append(1) or len(asked) > 3)
+    assert short.new_tokens < 60 and whole.response.startswith(short.response)

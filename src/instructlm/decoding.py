@@ -17,7 +17,7 @@ for one token as for ten, so answers that copy from their instruction or repeat 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from .base import LLAMA_LIKE_MODELS, cache_argument
 from .loss import MIN_SHARED_PREFIX
@@ -26,17 +26,24 @@ MAX_NGRAM = 3  # the longest run of last tokens looked up in the text so far
 MAX_GUESS = 16  # tokens proposed at most; checking 16 took ~2x the time of one here
 
 
-def can_drop_finished(model: Any, beams: int, stop: tuple[str, ...], no_repeat_ngram: int,
-                      streaming: bool) -> bool:
+def can_drop_finished(model: Any, beams: int, stop: tuple[str, ...],
+                      no_repeat_ngram: int) -> bool:
     return (model.config.model_type in LLAMA_LIKE_MODELS and beams == 1 and not stop
-            and not no_repeat_ngram and not streaming)
+            and not no_repeat_ngram)
 
 
 def decode_dropping_finished(model: Any, ids: Any, mask: Any, max_new_tokens: int,
                              end_ids: list[int], sample: bool = False,
                              temperature: float = 1.0, top_p: float = 1.0,
-                             lookup: bool = True) -> list[list[int]]:
-    """New token ids of each left-padded row, each ending with its end token if it ended."""
+                             lookup: bool = True,
+                             on_tokens: Callable[[int, list[int]], None] | None = None,
+                             should_stop: Callable[[], bool] | None = None,
+                             ) -> list[list[int]]:
+    """New token ids of each left-padded row, each ending with its end token if it ended.
+
+    `on_tokens(row, tokens)` hears of each row's new tokens as they come (for streaming);
+    decoding ends early once `should_stop()` is true.
+    """
     import torch
     from transformers import (DynamicCache, LogitsProcessorList, TemperatureLogitsWarper,
                               TopPLogitsWarper)
@@ -66,8 +73,10 @@ def decode_dropping_finished(model: Any, ids: Any, mask: Any, max_new_tokens: in
             token = scores.argmax(-1)
         for row, t in zip(rows.tolist(), token.tolist(), strict=True):
             answers[row].append(t)
+            if on_tokens:
+                on_tokens(row, [t])
         going = ~torch.isin(token, ends)
-        if not going.any() or step == max_new_tokens:
+        if not going.any() or step == max_new_tokens or (should_stop and should_stop()):
             break
         if not going.all():  # drop the finished rows from the batch and its cache
             keep = going.nonzero().squeeze(1)
@@ -76,7 +85,9 @@ def decode_dropping_finished(model: Any, ids: Any, mask: Any, max_new_tokens: in
         if len(rows) == 1 and not sample and lookup:
             row = int(rows[0])
             _finish_by_lookup(model, {name: cache}, prompts[row], answers[row], mask,
-                              int(position), max_new_tokens, end_ids)
+                              int(position), max_new_tokens, end_ids,
+                              lambda tokens: on_tokens(row, tokens) if on_tokens else None,
+                              should_stop)
             break
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=position,
@@ -87,7 +98,8 @@ def decode_dropping_finished(model: Any, ids: Any, mask: Any, max_new_tokens: in
 
 def _finish_by_lookup(model: Any, cache: dict[str, Any], prompt: list[int],
                       answer: list[int], mask: Any, position: int, max_new_tokens: int,
-                      end_ids: list[int]) -> None:
+                      end_ids: list[int], on_tokens: Callable[[list[int]], None],
+                      should_stop: Callable[[], bool] | None) -> None:
     """Continue one greedy `answer` (its last token not yet run) by prompt lookup decoding.
 
     `mask` covers the cached positions, `position` is the last token's position. How many
@@ -97,7 +109,8 @@ def _finish_by_lookup(model: Any, cache: dict[str, Any], prompt: list[int],
     import torch
 
     guess = 4
-    while answer[-1] not in end_ids and len(answer) < max_new_tokens:
+    while answer[-1] not in end_ids and len(answer) < max_new_tokens \
+            and not (should_stop and should_stop()):
         proposed = _look_up(prompt + answer, min(guess, max_new_tokens - len(answer) - 1))
         inputs = [answer[-1]] + proposed
         mask = torch.cat([mask, mask.new_ones(1, len(inputs))], dim=1)
@@ -111,7 +124,9 @@ def _finish_by_lookup(model: Any, cache: dict[str, Any], prompt: list[int],
             right += 1
         new = chosen[:right + 1]
         ended = next((i for i, t in enumerate(new) if t in end_ids), None)
-        answer.extend(new if ended is None else new[:ended + 1])
+        new = new if ended is None else new[:ended + 1]
+        answer.extend(new)
+        on_tokens(new)
         wrong = len(proposed) - right  # their keys and values are not the answer's
         if wrong:
             next(iter(cache.values())).crop(-wrong)

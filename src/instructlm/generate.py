@@ -97,27 +97,20 @@ class Answerer:
         beam is known only at the end); the whole Answer is returned at the end. Decoding
         ends early once `should_stop()` is true (a client went away, a stop text appeared).
         """
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
+        from transformers import TextStreamer
 
         class Streamer(TextStreamer):
             def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
                 if text:
                     on_text(text)
 
-        class Asked(StoppingCriteria):
-            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-                import torch
-
-                return torch.full((input_ids.shape[0],), bool(should_stop and should_stop()),
-                                  dtype=torch.bool, device=input_ids.device)
-
         example = Example(item, "") if isinstance(item, str) else item
         streamer = Streamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        return self._answer_batch([example], decode, streamer,
-                                  StoppingCriteriaList([Asked()]) if should_stop else None)[0]
+        return self._answer_batch([example], decode, streamer, should_stop)[0]
 
     def _answer_batch(self, examples: list[Example], decode: DecodeSettings,
-                      streamer: Any = None, stopping: Any = None) -> list[Answer]:
+                      streamer: Any = None,
+                      should_stop: Callable[[], bool] | None = None) -> list[Answer]:
         import torch
         from transformers import GenerationConfig
 
@@ -133,12 +126,17 @@ class Answerer:
         if decode.sample:
             torch.manual_seed(decode.seed)
         device = self.model.device
-        if can_drop_finished(self.model, decode.beams, decode.stop, decode.no_repeat_ngram,
-                             streamer is not None):
+        if can_drop_finished(self.model, decode.beams, decode.stop, decode.no_repeat_ngram):
+            if streamer:  # it skips what it is given first: the prompt, as `generate` does
+                streamer.put(ids)
             with torch.inference_mode():
                 new = decode_dropping_finished(
                     self.model, ids.to(device), mask.to(device), decode.max_new_tokens,
-                    eos_ids, decode.sample, decode.temperature, decode.top_p)
+                    eos_ids, decode.sample, decode.temperature, decode.top_p,
+                    on_tokens=(lambda row, tokens: streamer.put(torch.tensor(tokens)))
+                    if streamer else None, should_stop=should_stop)
+            if streamer:
+                streamer.end()
         else:
             config = GenerationConfig(
                 max_new_tokens=decode.max_new_tokens, num_beams=decode.beams,
@@ -152,7 +150,7 @@ class Answerer:
                 out = self.model.generate(input_ids=ids.to(device),
                                           attention_mask=mask.to(device),
                                           generation_config=config, streamer=streamer,
-                                          stopping_criteria=stopping,
+                                          stopping_criteria=_asked(should_stop),
                                           tokenizer=tok if decode.stop else None)
             new = [row[width:].tolist() for row in out]
         return [self._finish(ex, tokens, eos_ids, decode)
@@ -174,6 +172,22 @@ class Answerer:
         text = cutter.feed(self.tokenizer.decode(tokens, skip_special_tokens=True))
         text += cutter.finish()
         return Answer(ex.instruction, text, "stop" if cutter.stopped else reason, len(tokens))
+
+
+def _asked(should_stop: Callable[[], bool] | None) -> Any:
+    """`should_stop` as stopping criteria for `generate`."""
+    if should_stop is None:
+        return None
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Asked(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            import torch
+
+            return torch.full((input_ids.shape[0],), bool(should_stop()),
+                              dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([Asked()])
 
 
 def load_answerer(spec: str | None, template: str | Template | None = None,
