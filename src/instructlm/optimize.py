@@ -30,6 +30,10 @@ class TrainStep:
 
         self.model = model
         self.accelerator, self.fsdp = accelerator, fsdp is not None
+        with torch.no_grad():  # weights of one's own to write to (see _own_memory)
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.data = _own_memory(p.data)
         self.world = accelerator.num_processes if accelerator else 1
         # DistributedDataParallel averages dense gradients; the sparse embedding trick stays
         # with single-process training.
@@ -192,6 +196,13 @@ def loss_module(model: Any, device: str, precision: str, labels_only: bool,
                               pack)
 
     return LossOf()
+
+
+def _own_memory(tensor: Any) -> Any:
+    """`tensor` in memory of its own. Weights loaded from safetensors are mapped from the
+    file, privately: the first write to each page then copies it, which made the first
+    optimizer step of the embedded model 2.3 s instead of 0.1 s; one copy takes 0.15 s."""
+    return tensor.clone() if tensor.device.type == "cpu" else tensor
 
 
 def _sparse_embedding(model: Any) -> bool:
