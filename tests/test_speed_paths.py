@@ -273,6 +273,8 @@ def test_packing_is_left_out_where_it_would_cost_more():
     long = torch.ones(8, 2000, dtype=torch.long)
     long[1:, 1900:] = 0
     assert not loss_module._packing_pays(config, long, 0)  # long: attention costs more
+    windowed = LlamaConfig(hidden_size=576, intermediate_size=1536, sliding_window=150)
+    assert not loss_module._packing_pays(windowed, mask, 0)  # 190 tokens > the window
 
 
 def test_lookup_decoding_keeps_the_greedy_answer(tiny_tokenizer):
