@@ -36,13 +36,13 @@ def decode_dropping_finished(model: Any, ids: Any, mask: Any, max_new_tokens: in
                              end_ids: list[int], sample: bool = False,
                              temperature: float = 1.0, top_p: float = 1.0,
                              lookup: bool = True,
-                             on_tokens: Callable[[int, list[int]], None] | None = None,
+                             on_token: Callable[[int, int], None] | None = None,
                              should_stop: Callable[[], bool] | None = None,
                              ) -> list[list[int]]:
     """New token ids of each left-padded row, each ending with its end token if it ended.
 
-    `on_tokens(row, tokens)` hears of each row's new tokens as they come (for streaming);
-    decoding ends early once `should_stop()` is true.
+    `on_token(row, token)` hears of each new token as it comes (for streaming); decoding
+    ends early once `should_stop()` is true.
     """
     import torch
     from transformers import (DynamicCache, LogitsProcessorList, TemperatureLogitsWarper,
@@ -73,8 +73,8 @@ def decode_dropping_finished(model: Any, ids: Any, mask: Any, max_new_tokens: in
             token = scores.argmax(-1)
         for row, t in zip(rows.tolist(), token.tolist(), strict=True):
             answers[row].append(t)
-            if on_tokens:
-                on_tokens(row, [t])
+            if on_token:
+                on_token(row, t)
         going = ~torch.isin(token, ends)
         if not going.any() or step == max_new_tokens or (should_stop and should_stop()):
             break
@@ -86,7 +86,7 @@ def decode_dropping_finished(model: Any, ids: Any, mask: Any, max_new_tokens: in
             row = int(rows[0])
             _finish_by_lookup(model, {name: cache}, prompts[row], answers[row], mask,
                               int(position), max_new_tokens, end_ids,
-                              lambda tokens: on_tokens(row, tokens) if on_tokens else None,
+                              lambda token: on_token(row, token) if on_token else None,
                               should_stop)
             break
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
@@ -98,7 +98,7 @@ def decode_dropping_finished(model: Any, ids: Any, mask: Any, max_new_tokens: in
 
 def _finish_by_lookup(model: Any, cache: dict[str, Any], prompt: list[int],
                       answer: list[int], mask: Any, position: int, max_new_tokens: int,
-                      end_ids: list[int], on_tokens: Callable[[list[int]], None],
+                      end_ids: list[int], on_token: Callable[[int], None],
                       should_stop: Callable[[], bool] | None) -> None:
     """Continue one greedy `answer` (its last token not yet run) by prompt lookup decoding.
 
@@ -109,8 +109,7 @@ def _finish_by_lookup(model: Any, cache: dict[str, Any], prompt: list[int],
     import torch
 
     guess = 4
-    while answer[-1] not in end_ids and len(answer) < max_new_tokens \
-            and not (should_stop and should_stop()):
+    while len(answer) < max_new_tokens:
         proposed = _look_up(prompt + answer, min(guess, max_new_tokens - len(answer) - 1))
         inputs = [answer[-1]] + proposed
         mask = torch.cat([mask, mask.new_ones(1, len(inputs))], dim=1)
@@ -123,10 +122,11 @@ def _finish_by_lookup(model: Any, cache: dict[str, Any], prompt: list[int],
         while right < len(proposed) and proposed[right] == chosen[right]:
             right += 1
         new = chosen[:right + 1]
-        ended = next((i for i, t in enumerate(new) if t in end_ids), None)
-        new = new if ended is None else new[:ended + 1]
-        answer.extend(new)
-        on_tokens(new)
+        for token in new:  # one at a time, as plain decoding would hand them out
+            answer.append(token)
+            on_token(token)
+            if token in end_ids or (should_stop and should_stop()):
+                return
         wrong = len(proposed) - right  # their keys and values are not the answer's
         if wrong:
             next(iter(cache.values())).crop(-wrong)

@@ -133,7 +133,7 @@ class Answerer:
                 new = decode_dropping_finished(
                     self.model, ids.to(device), mask.to(device), decode.max_new_tokens,
                     eos_ids, decode.sample, decode.temperature, decode.top_p,
-                    on_tokens=(lambda row, tokens: streamer.put(torch.tensor(tokens)))
+                    on_token=(lambda row, token: streamer.put(torch.tensor([token])))
                     if streamer else None, should_stop=should_stop)
             if streamer:
                 streamer.end()
