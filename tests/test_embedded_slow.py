@@ -165,8 +165,10 @@ def test_two_accelerate_processes_train_like_one(spells_run, tmp_path, config):
         return [r[key] for r in map(json.loads, lines) if key in r]
 
     tolerance = 1e-3 if precision == "fp32" else 2e-2
+    # Late step losses are small (~0.07) and their rounding noise is not: summing in another
+    # order (other thread counts, other row shapes) moved one by 3.4e-4 in a run of the suite.
     assert losses(tmp_path / "two", "loss") == pytest.approx(losses(spells_run, "loss"),
-                                                              rel=tolerance)
+                                                              rel=tolerance, abs=tolerance)
     assert losses(tmp_path / "two", "eval_loss") == pytest.approx(
         losses(spells_run, "eval_loss"), rel=tolerance)
     scores = json.loads((tmp_path / "two" / "instructlm.json").read_text())["metrics"]
