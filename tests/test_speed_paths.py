@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from instructlm import devices
+from instructlm import loss as loss_module
 from instructlm.encode import IGNORE_INDEX, collate, encode_examples
 from instructlm.formats import Example
-from instructlm import loss as loss_module
 from instructlm.loss import batch_loss, shared_prefix_length
 from instructlm.optimize import TrainStep
 from instructlm.templates import parse_template

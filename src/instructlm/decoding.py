@@ -36,7 +36,6 @@ def can_drop_finished(model: Any, beams: int, stop: tuple[str, ...],
 def decode_dropping_finished(model: Any, ids: Any, mask: Any, max_new_tokens: int,
                              end_ids: list[int], sample: bool = False,
                              temperature: float = 1.0, top_p: float = 1.0,
-                             lookup: bool = True,
                              on_token: Callable[[int, int], None] | None = None,
                              should_stop: Callable[[], bool] | None = None,
                              ) -> list[list[int]]:
@@ -83,7 +82,7 @@ def decode_dropping_finished(model: Any, ids: Any, mask: Any, max_new_tokens: in
             keep = going.nonzero().squeeze(1)
             cache.batch_select_indices(keep)
             rows, token, mask, position = rows[keep], token[keep], mask[keep], position[keep]
-        if len(rows) == 1 and not sample and lookup:
+        if len(rows) == 1 and not sample:
             row = int(rows[0])
             _finish_by_lookup(model, {name: cache}, prompts[row], answers[row], mask,
                               int(position), max_new_tokens, end_ids,

@@ -96,7 +96,8 @@ def _packing_pays(config: Any, mask: Any, start: int) -> bool:
     tokens = int(mask.sum()) - (rows - 1) * start  # the shared prefix once
     if rows < 2 or tokens == rows * width - (rows - 1) * start:
         return False
-    if tokens > (getattr(config, "sliding_window", None) or tokens):
+    window = getattr(config, "sliding_window", None)
+    if window and tokens > window:
         return False  # the packed row's mask would let tokens see past the model's window
     hidden = config.hidden_size
     per_token = 4 * hidden * hidden + 3 * hidden * config.intermediate_size  # ~ weights
