@@ -14,7 +14,7 @@ from instructlm import loss as loss_module
 from instructlm.encode import IGNORE_INDEX, collate, encode_examples
 from instructlm.formats import Example
 from instructlm.loss import batch_loss, shared_prefix_length
-from instructlm.optimize import TrainStep
+from instructlm.optimize import TrainStep, clip_gradients
 from instructlm.templates import parse_template
 
 from conftest import make_tiny_model
@@ -119,6 +119,31 @@ def test_sparse_embedding_gradient_equals_the_dense_one(tiny_tokenizer, encoded)
     for a, b in zip(dense_model.parameters(), sparse_model.parameters(), strict=True):
         assert torch.allclose(a, b, atol=1e-6)
     assert not sparse_model.get_input_embeddings().sparse  # back to normal after training
+
+
+@pytest.mark.parametrize("case", ["small", "at the limit", "large", "overflowed"])
+def test_gradient_clipping_does_what_the_library_does(case):
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(40, 30), (30,), (7, 3, 5)]
+    ours = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    theirs = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    for a, b in zip(ours, theirs, strict=True):
+        a.grad = torch.randn(a.shape, generator=generator) * (1e-3 if case == "small" else 1)
+        b.grad = a.grad.clone()
+    if case == "overflowed":
+        ours[1].grad[3] = theirs[1].grad[3] = float("inf")
+    total = float(torch.cat([p.grad.flatten() for p in ours]).norm())
+    limit = total if case == "at the limit" else 1.0
+    norm = clip_gradients(ours, limit)
+    expected = torch.nn.utils.clip_grad_norm_(theirs, limit)
+    assert norm == pytest.approx(float(expected), rel=1e-5)
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=0, equal_nan=True)
+    if case == "small":  # left exactly as they were
+        assert all(torch.equal(a.grad, b.grad) for a, b in zip(ours, theirs, strict=True))
+    if case == "large":
+        assert float(torch.cat([p.grad.flatten() for p in ours]).norm()) \
+            == pytest.approx(1.0, rel=1e-5)
 
 
 def test_bf16_master_weights_track_fp32_training(tiny_tokenizer, encoded):

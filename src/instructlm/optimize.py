@@ -96,7 +96,7 @@ class TrainStep:
             torch._foreach_copy_([m for m, _ in used], [g for _, g in used])
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.master or self.params, 1.0)
+        clip_gradients(self.master or self.params, 1.0, plain=self.world == 1)
         if self.scaler:  # skips the step when the scaled gradients overflowed
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -171,6 +171,29 @@ class TrainStep:
                 p.data = m.detach()
             self.master = None
         self.optimizer.state.clear()  # AdamW's moments: twice the model's size
+
+
+def clip_gradients(params: list[Any], max_norm: float, plain: bool = True) -> float:
+    """Scale the gradients down to a total norm of at most `max_norm`, as
+    `torch.nn.utils.clip_grad_norm_` does; return the norm before.
+
+    For dense CPU gradients of one process (`plain`) the norm is summed from dot products
+    and the gradients are multiplied only when they are clipped: the library computes a
+    norm per tensor and always multiplies (by 1.0 when the norm is small enough), which
+    took ~75 ms of a ~1.3 s step of the embedded model here, this ~25 ms. Elsewhere (GPUs,
+    where a branch on the norm would wait for the device; sharded or sparse gradients) it
+    is the library's function.
+    """
+    import torch
+
+    grads = [p.grad for p in params if p.grad is not None]
+    if not plain or any(g.device.type != "cpu" or g.layout != torch.strided for g in grads):
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    total = math.sqrt(sum(float(torch.dot(g.reshape(-1), g.reshape(-1))) for g in grads))
+    scale = max_norm / (total + 1e-6)  # the library's coefficient
+    if not scale >= 1.0:  # also when the norm is inf or nan, as the library does
+        torch._foreach_mul_(grads, scale)
+    return total
 
 
 def _full_state(**options: Any) -> Any:
