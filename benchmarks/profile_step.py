@@ -17,6 +17,8 @@ measured in the same process, / 6 x parameters). The variants add one change at 
     bf16-autocast bf16 compute under autocast, fp32 weights
     bf16-master   bf16 weights for compute, fp32 master weights: instructlm's bf16 path
     eager         +prefix with the eager attention kernel instead of SDPA
+    compiled      +packed with the decoder under torch.compile (dynamic shapes); not run
+                  unless named in --variants: compiling takes minutes (printed apart)
 
 `--profile NAME` also prints the torch.profiler table of that variant's slowest operators.
 """
@@ -53,9 +55,15 @@ def run_variant(name: str, source: str, encoded: list, pad_id: int, epochs: int,
                      labels_only=later >= 1, sparse_embedding=later >= 2,
                      share_prefix=later >= 3, pack=later >= 4 and name != "grouped",
                      master_weights=name != "bf16-autocast")
+    if name == "compiled":
+        model.base_model.compile(dynamic=True)
     generator = torch.Generator().manual_seed(0)
     lengths = [len(e.input_ids) for e in encoded]
+    started = time.perf_counter()
     step(collate(encoded[:batch_size], pad_id))  # warm-up: allocations, kernel choice
+    if name == "compiled":
+        print(f"compiled: the first step took {time.perf_counter() - started:.0f} s",
+              flush=True)
     context = (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
                if profile else None)
     if context:

@@ -77,7 +77,7 @@ def _hidden_states(model: Any, batch: dict[str, Any], share_prefix: bool,
         return _packed_hidden_states(decoder, batch, start)
     targets = labels[:, start + 1:]  # position t predicts token t + 1
     if not start:
-        hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         return hidden[:, :-1], targets
     name = cache_argument(decoder)
     cache = getattr(decoder(input_ids=ids[:1, :start], use_cache=True), name)
@@ -140,7 +140,7 @@ def _packed_hidden_states(decoder: Any, batch: dict[str, Any],
     allowed = (index[:, None] >= index[None, :]) \
         & ((segment[:, None] == segment[None, :]) | (segment[None, :] == -1))
     hidden = decoder(input_ids=torch.cat(pieces)[None], attention_mask=allowed[None, None],
-                     position_ids=torch.cat(positions)[None]).last_hidden_state
+                     position_ids=torch.cat(positions)[None], use_cache=False).last_hidden_state
     return hidden[0], torch.cat(targets)
 
 
