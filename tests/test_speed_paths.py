@@ -209,6 +209,15 @@ def _left_padded(tokenizer, texts):
     return ids, mask
 
 
+def _decoded(model, ids, mask, *args, **kwargs) -> list[list[int]]:
+    """Every row's new tokens, in row order."""
+    from instructlm.decoding import answers_as_they_end
+
+    answers = dict(answers_as_they_end(model, ids, mask, *args, **kwargs))
+    assert sorted(answers) == list(range(ids.shape[0]))
+    return [answers[row] for row in range(ids.shape[0])]
+
+
 def _until_end(tokens: list[int], end: int) -> list[int]:
     return tokens[:tokens.index(end) + 1] if end in tokens else tokens
 
@@ -221,7 +230,7 @@ def test_dropping_finished_answers_gives_generates_greedy_answers(tiny_tokenizer
     """Same answers as `generate`, also when the prompts share an opening (run once)."""
     from transformers import GenerationConfig
 
-    from instructlm.decoding import _shared_prefix_first, decode_dropping_finished
+    from instructlm.decoding import _shared_prefix_first, answers_as_they_end
 
     model = make_tiny_model(tiny_tokenizer).eval()
     ids, mask = _left_padded(tiny_tokenizer, [
@@ -240,21 +249,47 @@ def test_dropping_finished_answers_gives_generates_greedy_answers(tiny_tokenizer
                                   generation_config=GenerationConfig(
                                       max_new_tokens=12, do_sample=False, eos_token_id=[end],
                                       pad_token_id=tiny_tokenizer.pad_token_id))[:, width:]
-        got = decode_dropping_finished(model, ids, mask, 12, [end])
+        got = _decoded(model, ids, mask, 12, [end])
     assert [_until_end(row.tolist(), end) for row in expected] == got, end
     assert len({len(g) for g in got}) > 1  # rows really ended at different steps
+    # Each answer is handed over as soon as it has ended, while the others are decoded on.
+    calls: list[int] = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    handed = [(len(tokens), len(calls)) for _, tokens in
+              answers_as_they_end(model, ids, mask, 12, [end])]
+    assert [n for n, _ in handed] == sorted(len(g) for g in got)
+    assert handed[0][1] < handed[-1][1]
+
+
+def test_answers_come_in_input_order_as_soon_as_those_before_have_ended(tiny_tokenizer,
+                                                                        monkeypatch):
+    from instructlm import generate
+    from instructlm.generate import Answerer
+
+    events = []
+
+    def ends_in_this_order(model, ids, *args, **kwargs):
+        for row in (2, 0, 3, 1):
+            events.append(f"ended {row}")
+            yield row, [5 + row]
+
+    monkeypatch.setattr(generate, "answers_as_they_end", ends_in_this_order)
+    answerer = Answerer(make_tiny_model(tiny_tokenizer), tiny_tokenizer,
+                        parse_template("seed-en"), "tiny")
+    for answer in answerer.answer(["a", "b", "c", "d"]):
+        events.append(f"answer {answer.instruction}")
+    assert events == ["ended 2", "ended 0", "answer a", "ended 3", "ended 1", "answer b",
+                      "answer c", "answer d"]
 
 
 def test_dropping_finished_answers_samples_reproducibly(tiny_tokenizer):
-    from instructlm.decoding import decode_dropping_finished
-
     model = make_tiny_model(tiny_tokenizer).eval()
     ids, mask = _left_padded(tiny_tokenizer, ["Name three fruits.", "Hi"])
     runs = []
     for _ in range(2):
         torch.manual_seed(3)
         with torch.inference_mode():
-            runs.append(decode_dropping_finished(model, ids, mask, 8, [-1], sample=True,
+            runs.append(_decoded(model, ids, mask, 8, [-1], sample=True,
                                                  temperature=0.7, top_p=0.9))
     assert runs[0] == runs[1] and all(len(r) == 8 for r in runs[0])
 
@@ -307,8 +342,6 @@ def test_lookup_decoding_keeps_the_greedy_answer(tiny_tokenizer):
     tokens as `generate`, also where a proposed token is the end token."""
     from transformers import GenerationConfig
 
-    from instructlm.decoding import decode_dropping_finished
-
     model = make_tiny_model(tiny_tokenizer).eval()
     # This random model repeats the prompt's last token; the prompt holds that token twice
     # followed by others, which lookup then proposes, wrongly.
@@ -330,15 +363,15 @@ def test_lookup_decoding_keeps_the_greedy_answer(tiny_tokenizer):
     free = greedy(80, -5)
     with torch.inference_mode():
         calls.clear()
-        got = decode_dropping_finished(model, ids, mask, 80, [-5])[0]
+        got = _decoded(model, ids, mask, 80, [-5])[0]
     assert got == free
     # The 80 tokens took far fewer calls, some of which checked proposals that were wrong.
     assert len(calls) < 20 and max(calls[1:]) > 1
     assert sum(calls[1:]) > len(got) - 1
     end = free[50]
     with torch.inference_mode():
-        assert decode_dropping_finished(model, ids, mask, 80, [end])[0] == greedy(80, end)
-        assert len(decode_dropping_finished(model, ids, mask, 37, [-5])[0]) == 37
+        assert _decoded(model, ids, mask, 80, [end])[0] == greedy(80, end)
+        assert len(_decoded(model, ids, mask, 37, [-5])[0]) == 37
 
 
 def test_look_up_proposes_what_followed_the_last_tokens_before():

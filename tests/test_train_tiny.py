@@ -96,6 +96,27 @@ def test_interrupted_training_leaves_earlier_run_untouched(tiny_run, tiny_base, 
     assert not list(tiny_run.parent.glob(".facts.*"))
 
 
+def test_first_ctrl_c_asks_training_to_stop_after_the_step_and_a_second_stops_at_once(
+        capfd):
+    import os
+    import signal
+
+    from instructlm.train import _ctrl_c_between_steps
+
+    outside = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        with _ctrl_c_between_steps() as stop_asked:
+            assert not stop_asked()
+            os.kill(os.getpid(), signal.SIGINT)  # handled before the next line runs
+            assert stop_asked()
+            assert "Stopping after this step" in capfd.readouterr().err
+            os.kill(os.getpid(), signal.SIGINT)
+            pytest.fail("the second Ctrl-C did not interrupt")
+    assert signal.getsignal(signal.SIGINT) is outside
+    with _ctrl_c_between_steps(active=False) as stop_asked:  # several processes
+        assert signal.getsignal(signal.SIGINT) is outside and not stop_asked()
+
+
 def test_force_replaces_a_run_and_refuses_foreign_folders(tmp_path, tiny_base):
     data = tmp_path / "f.txt"
     data.write_text("a#b\n", encoding="utf-8")

@@ -1,4 +1,5 @@
-"""A decoding loop that drops each answer from the batch as soon as it has ended.
+"""A decoding loop that drops each answer from the batch, and hands it over, as soon as it
+has ended.
 
 `model.generate` keeps finished answers in the batch until the last one ends, so one answer
 that runs on to the token limit makes the whole batch pay for it (on a CPU, 32 answers then
@@ -19,7 +20,7 @@ by token.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .base import LLAMA_LIKE_MODELS, cache_argument
 from .loss import MIN_SHARED_PREFIX
@@ -34,17 +35,29 @@ def can_drop_finished(model: Any, beams: int, stop: tuple[str, ...],
             and not no_repeat_ngram)
 
 
-def decode_dropping_finished(model: Any, ids: Any, mask: Any, max_new_tokens: int,
-                             end_ids: list[int], sample: bool = False,
-                             temperature: float = 1.0, top_p: float = 1.0,
-                             on_token: Callable[[int, int], None] | None = None,
-                             should_stop: Callable[[], bool] | None = None,
-                             ) -> list[list[int]]:
-    """New token ids of each left-padded row, each ending with its end token if it ended.
+def answers_as_they_end(model: Any, ids: Any, mask: Any, max_new_tokens: int,
+                        end_ids: list[int], sample: bool = False, temperature: float = 1.0,
+                        top_p: float = 1.0,
+                        on_token: Callable[[int, int], None] | None = None,
+                        should_stop: Callable[[], bool] | None = None,
+                        ) -> Iterator[tuple[int, list[int]]]:
+    """(row, new token ids) of each left-padded row as soon as it has ended, the ids ending
+    with its end token if it ended; rows that reach `max_new_tokens` together come in order.
 
     `on_token(row, token)` hears of each new token as it comes (for streaming); decoding
-    ends early once `should_stop()` is true.
+    ends early once `should_stop()` is true. The model runs in inference mode, which is
+    left while the caller has the answer.
     """
+    import torch
+
+    return torch.inference_mode()(_decode)(model, ids, mask, max_new_tokens, end_ids, sample,
+                                          temperature, top_p, on_token, should_stop)
+
+
+def _decode(model: Any, ids: Any, mask: Any, max_new_tokens: int, end_ids: list[int],
+            sample: bool, temperature: float, top_p: float,
+            on_token: Callable[[int, int], None] | None,
+            should_stop: Callable[[], bool] | None) -> Iterator[tuple[int, list[int]]]:
     import torch
     from transformers import (DynamicCache, LogitsProcessorList, TemperatureLogitsWarper,
                               TopPLogitsWarper)
@@ -79,6 +92,8 @@ def decode_dropping_finished(model: Any, ids: Any, mask: Any, max_new_tokens: in
         going = ~torch.isin(token, ends)
         if not going.any() or step == max_new_tokens or (should_stop and should_stop()):
             break
+        for row in rows[~going].tolist():
+            yield row, answers[row]
         if not going.all():  # drop the finished rows from the batch and its cache
             keep = going.nonzero().squeeze(1)
             cache.batch_select_indices(keep)
@@ -94,7 +109,8 @@ def decode_dropping_finished(model: Any, ids: Any, mask: Any, max_new_tokens: in
         logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=position,
                        use_cache=True, **{name: cache}).logits[:, -1]
         position = position + 1
-    return answers
+    for row in rows.tolist():  # the rows still in the batch when it ended
+        yield row, answers[row]
 
 
 def _finish_by_lookup(model: Any, cache: dict[str, Any], prompt: list[int],

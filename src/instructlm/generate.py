@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from .adapters import is_adapter_run, load_merged
 from .base import EMBEDDED, load_model, load_tokenizer, resolve_base
-from .decoding import can_drop_finished, decode_dropping_finished
+from .decoding import answers_as_they_end, can_drop_finished
 from .devices import pick_device
 from .encode import encode_prompt
 from .errors import InstructlmError
@@ -106,11 +106,13 @@ class Answerer:
 
         example = Example(item, "") if isinstance(item, str) else item
         streamer = Streamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        return self._answer_batch([example], decode, streamer, should_stop)[0]
+        return list(self._answer_batch([example], decode, streamer, should_stop))[0]
 
     def _answer_batch(self, examples: list[Example], decode: DecodeSettings,
                       streamer: Any = None,
-                      should_stop: Callable[[], bool] | None = None) -> list[Answer]:
+                      should_stop: Callable[[], bool] | None = None) -> Iterator[Answer]:
+        """Answers to `examples` in their order, each as soon as it and those before it are
+        done (with `generate`: all at the end)."""
         import torch
         from transformers import GenerationConfig
 
@@ -129,32 +131,36 @@ class Answerer:
         if can_drop_finished(self.model, decode.beams, decode.stop, decode.no_repeat_ngram):
             if streamer:  # it skips what it is given first: the prompt, as `generate` does
                 streamer.put(ids)
-            with torch.inference_mode():
-                new = decode_dropping_finished(
+            ready: dict[int, list[int]] = {}  # ended, waiting for those before them
+            given = 0
+            for row, tokens in answers_as_they_end(
                     self.model, ids.to(device), mask.to(device), decode.max_new_tokens,
                     eos_ids, decode.sample, decode.temperature, decode.top_p,
                     on_token=(lambda row, token: streamer.put(torch.tensor([token])))
-                    if streamer else None, should_stop=should_stop)
+                    if streamer else None, should_stop=should_stop):
+                ready[row] = tokens
+                while given in ready:
+                    yield self._finish(examples[given], ready.pop(given), eos_ids, decode)
+                    given += 1
             if streamer:
                 streamer.end()
-        else:
-            config = GenerationConfig(
-                max_new_tokens=decode.max_new_tokens, num_beams=decode.beams,
-                do_sample=decode.sample,
-                temperature=decode.temperature if decode.sample else None,
-                top_p=decode.top_p if decode.sample else None, top_k=None,
-                no_repeat_ngram_size=decode.no_repeat_ngram or None,
-                eos_token_id=eos_ids, pad_token_id=tok.pad_token_id,
-                stop_strings=list(decode.stop) or None)
-            with torch.inference_mode():
-                out = self.model.generate(input_ids=ids.to(device),
-                                          attention_mask=mask.to(device),
-                                          generation_config=config, streamer=streamer,
-                                          stopping_criteria=_asked(should_stop),
-                                          tokenizer=tok if decode.stop else None)
-            new = [row[width:].tolist() for row in out]
-        return [self._finish(ex, tokens, eos_ids, decode)
-                for ex, tokens in zip(examples, new, strict=True)]
+            return
+        config = GenerationConfig(
+            max_new_tokens=decode.max_new_tokens, num_beams=decode.beams,
+            do_sample=decode.sample,
+            temperature=decode.temperature if decode.sample else None,
+            top_p=decode.top_p if decode.sample else None, top_k=None,
+            no_repeat_ngram_size=decode.no_repeat_ngram or None,
+            eos_token_id=eos_ids, pad_token_id=tok.pad_token_id,
+            stop_strings=list(decode.stop) or None)
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=ids.to(device),
+                                      attention_mask=mask.to(device),
+                                      generation_config=config, streamer=streamer,
+                                      stopping_criteria=_asked(should_stop),
+                                      tokenizer=tok if decode.stop else None)
+        for ex, row in zip(examples, out, strict=True):
+            yield self._finish(ex, row[width:].tolist(), eos_ids, decode)
 
     def _end_ids(self) -> list[int]:
         ids = {self.tokenizer.eos_token_id}

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from . import __version__, checkpoints
 from .adapters import LoraSettings, adapter_summary, add_lora
@@ -318,46 +319,90 @@ def fit(model: Any, train_set: list[EncodedExample], eval_set: list[EncodedExamp
     bar = tqdm(total=total, initial=skip, desc="training", unit="step",
                disable=not progress, leave=False)
     done = 0
-    for epoch in range(1, settings.epochs + 1):
-        model.train()
-        # Random batches. Grouping them by length saved ~10% of the padding work but, as
-        # examples of one family have similar lengths, made batches of one family, and the
-        # held-out answers got worse (spells.txt, lr 2e-4, 3 seeds: 10/18 vs 17/18 in form).
-        # The loss packs each batch into one row without padding instead (see loss.py).
-        # The order is drawn for every epoch, skipped ones too, so that a resumed run replays
-        # the same batches.
-        perm = torch.randperm(len(train_set), generator=order).tolist()
-        for start in range(0, len(perm), settings.batch_size):
-            done += 1
-            if done <= skip:
-                continue
-            indices = perm[start:start + settings.batch_size]
-            mine, counts = shard.rows(indices)
-            batch = collate([train_set[i] for i in mine], pad_id)
-            value = step(batch, shard.share(mine, counts, indices, response_tokens))
-            records.append({"step": done, "epoch": epoch, "loss": round(value, 5),
-                            "lr": step.lr, "tokens": sum(len(train_set[i].input_ids)
-                                                         for i in indices),
-                            "padded_tokens": shard.padded_tokens(indices, train_set)})
-            bar.set_postfix(epoch=epoch, loss=f"{value:.3f}", refresh=False)
-            bar.update(1)
-            if save_checkpoint and done % settings.save_every == 0 and done < total:
-                save_checkpoint(done, records, step)
-        if evaluates and eval_set and not any(r.get("epoch") == epoch and "eval_loss" in r
-                                              for r in records):
-            # FSDP casts to bf16 itself, and gathers the weights only in the model's forward.
-            eval_loss = mean_loss(model, eval_set, settings.batch_size, pad_id, device,
-                                  "fp32" if step.fsdp else precision, labels_only=not step.fsdp)
-            records.append({"step": done, "epoch": epoch, "eval_loss": round(eval_loss, 5)})
-            message = (f"epoch {epoch}: train loss {_epoch_mean(records, epoch):.3f}, "
-                       f"eval loss {eval_loss:.3f}")
-            if progress:
-                bar.write(message)  # keeps the progress bar intact
-            else:
-                report(message)
+    # One process only: several stop as their launcher stops them, as before.
+    with _ctrl_c_between_steps(accelerator is None) as stop_asked:
+        for epoch in range(1, settings.epochs + 1):
+            model.train()
+            # Random batches. Grouping them by length saved ~10% of the padding work but,
+            # as examples of one family have similar lengths, made batches of one family,
+            # and the held-out answers got worse (spells.txt, lr 2e-4, 3 seeds: 10/18 vs
+            # 17/18 in form). The loss packs each batch into one row without padding instead
+            # (see loss.py). The order is drawn for every epoch, skipped ones too, so that a
+            # resumed run replays the same batches.
+            perm = torch.randperm(len(train_set), generator=order).tolist()
+            for start in range(0, len(perm), settings.batch_size):
+                done += 1
+                if done <= skip:
+                    continue
+                indices = perm[start:start + settings.batch_size]
+                mine, counts = shard.rows(indices)
+                batch = collate([train_set[i] for i in mine], pad_id)
+                value = step(batch, shard.share(mine, counts, indices, response_tokens))
+                records.append({"step": done, "epoch": epoch, "loss": round(value, 5),
+                                "lr": step.lr, "tokens": sum(len(train_set[i].input_ids)
+                                                             for i in indices),
+                                "padded_tokens": shard.padded_tokens(indices, train_set)})
+                bar.set_postfix(epoch=epoch, loss=f"{value:.3f}", refresh=False)
+                bar.update(1)
+                if save_checkpoint and done % settings.save_every == 0 and done < total:
+                    save_checkpoint(done, records, step)
+                if stop_asked():
+                    raise KeyboardInterrupt
+            if evaluates and eval_set and not any(r.get("epoch") == epoch and "eval_loss" in r
+                                                  for r in records):
+                # FSDP casts to bf16 itself, and gathers the weights only in the model's
+                # forward.
+                eval_loss = mean_loss(model, eval_set, settings.batch_size, pad_id, device,
+                                      "fp32" if step.fsdp else precision,
+                                      labels_only=not step.fsdp)
+                records.append({"step": done, "epoch": epoch,
+                                "eval_loss": round(eval_loss, 5)})
+                message = (f"epoch {epoch}: train loss {_epoch_mean(records, epoch):.3f}, "
+                           f"eval loss {eval_loss:.3f}")
+                if progress:
+                    bar.write(message)  # keeps the progress bar intact
+                else:
+                    report(message)
+            if stop_asked():
+                raise KeyboardInterrupt
     bar.close()
     step.finish()
     return records, step
+
+
+@contextmanager
+def _ctrl_c_between_steps(active: bool = True) -> Iterator[Callable[[], bool]]:
+    """Within it, Ctrl-C ends training after the step under way: yields whether it was
+    pressed.
+
+    A KeyboardInterrupt raised anywhere in a step could land in code that swallows it (a
+    finalizer; once in a test, training then went on for a minute). The first Ctrl-C only
+    sets a flag, checked after every step; a second one interrupts at once. The caller
+    turns the flag into a KeyboardInterrupt, handled like one pressed outside training.
+    """
+    import os
+    import signal
+    import threading
+
+    if not active or threading.current_thread() is not threading.main_thread():
+        yield lambda: False  # only the main thread may handle signals
+        return
+    pressed: list[bool] = []
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is None:  # installed outside Python
+        previous = signal.default_int_handler
+
+    def first(signum: int, frame: Any) -> None:
+        pressed.append(True)
+        signal.signal(signal.SIGINT, previous)
+        # os.write, not print: a signal handler may run in the middle of a print
+        os.write(2, b"\nStopping after this step (Ctrl-C again to stop at once).\n")
+
+    signal.signal(signal.SIGINT, first)
+    try:
+        yield lambda: bool(pressed)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _epoch_mean(records: list[dict[str, Any]], epoch: int) -> float:
