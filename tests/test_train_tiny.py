@@ -103,18 +103,22 @@ def test_first_ctrl_c_asks_training_to_stop_after_the_step_and_a_second_stops_at
 
     from instructlm.train import _ctrl_c_between_steps
 
-    outside = signal.getsignal(signal.SIGINT)
-    with pytest.raises(KeyboardInterrupt):
-        with _ctrl_c_between_steps() as stop_asked:
-            assert not stop_asked()
-            os.kill(os.getpid(), signal.SIGINT)  # handled before the next line runs
-            assert stop_asked()
-            assert "Stopping after this step" in capfd.readouterr().err
-            os.kill(os.getpid(), signal.SIGINT)
-            pytest.fail("the second Ctrl-C did not interrupt")
-    assert signal.getsignal(signal.SIGINT) is outside
-    with _ctrl_c_between_steps(active=False) as stop_asked:  # several processes
-        assert signal.getsignal(signal.SIGINT) is outside and not stop_asked()
+    outside = signal.default_int_handler  # as in a fresh process (other tests may differ)
+    original = signal.signal(signal.SIGINT, outside)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with _ctrl_c_between_steps() as stop_asked:
+                assert not stop_asked()
+                os.kill(os.getpid(), signal.SIGINT)  # handled before the next line runs
+                assert stop_asked()
+                assert "Stopping after this step" in capfd.readouterr().err
+                os.kill(os.getpid(), signal.SIGINT)
+                pytest.fail("the second Ctrl-C did not interrupt")
+        assert signal.getsignal(signal.SIGINT) is outside
+        with _ctrl_c_between_steps(active=False) as stop_asked:  # several processes
+            assert signal.getsignal(signal.SIGINT) is outside and not stop_asked()
+    finally:
+        signal.signal(signal.SIGINT, original)
 
 
 def test_force_replaces_a_run_and_refuses_foreign_folders(tmp_path, tiny_base):
