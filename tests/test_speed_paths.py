@@ -289,8 +289,8 @@ def test_dropping_finished_answers_samples_reproducibly(tiny_tokenizer):
     for _ in range(2):
         torch.manual_seed(3)
         with torch.inference_mode():
-            runs.append(_decoded(model, ids, mask, 8, [-1], sample=True,
-                                                 temperature=0.7, top_p=0.9))
+            runs.append(_decoded(model, ids, mask, 8, [-1], sample=True, temperature=0.7,
+                                 top_p=0.9))
     assert runs[0] == runs[1] and all(len(r) == 8 for r in runs[0])
 
 

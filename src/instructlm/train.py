@@ -375,10 +375,11 @@ def _ctrl_c_between_steps(active: bool = True) -> Iterator[Callable[[], bool]]:
     """Within it, Ctrl-C ends training after the step under way: yields whether it was
     pressed.
 
-    A KeyboardInterrupt raised anywhere in a step could land in code that swallows it (a
-    finalizer; once in a test, training then went on for a minute). The first Ctrl-C only
-    sets a flag, checked after every step; a second one interrupts at once. The caller
-    turns the flag into a KeyboardInterrupt, handled like one pressed outside training.
+    A KeyboardInterrupt raised anywhere in a step can be lost (Python ignores one raised in
+    a finalizer, and library code may catch it): once, in a test, training went on for a
+    minute after Ctrl-C. The first Ctrl-C only sets a flag, checked after every step; a
+    second one interrupts at once. The caller turns the flag into a KeyboardInterrupt,
+    handled like one pressed outside training.
     """
     import os
     import signal
