@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench generalize clean
 
 install: $(STAMP)
 
@@ -35,6 +35,11 @@ test-fast: install
 # Speed against the tutorial's recipe, in one invocation (several minutes; not part of test).
 bench: install
 	$(BIN)/python benchmarks/bench.py $(FILE)
+
+# Do the defaults teach instruction files they were not chosen on? (~30 minutes; not part
+# of test.) FLAGS go to `instructlm train`, to compare: make generalize FLAGS="--lr 2e-5"
+generalize: install
+	$(BIN)/python benchmarks/generalize.py $(if $(FLAGS),-- $(FLAGS))
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info

@@ -130,3 +130,40 @@ def write(tmp_path):
             path.write_text(content, encoding="utf-8")
         return path
     return _write
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_base) -> Path:
+    """TINY_FILE learned by the tiny model: a run to ask and serve."""
+    from instructlm.train import train
+
+    folder = tmp_path_factory.mktemp("facts")
+    (folder / "facts.txt").write_text(TINY_FILE, encoding="utf-8")
+    return train(folder / "facts.txt", folder / "facts", tiny_settings(tiny_base),
+                 report=lambda m: None, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_run) -> dict[str, Any]:
+    """The tiny run and its untuned base, as `serve --compare-base` serves them."""
+    from instructlm.generate import load_answerer, load_untuned_base
+
+    return {"facts": load_answerer(str(tiny_run)), "facts:base": load_untuned_base(str(tiny_run))}
+
+
+def post(url: str, path: str, body: bytes | str | dict, headers: dict | None = None,
+         ) -> tuple[int, dict]:
+    """POST JSON to a running server: (status, the JSON it answered)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = body if isinstance(body, bytes) else (
+        body.encode() if isinstance(body, str) else json.dumps(body).encode())
+    request = urllib.request.Request(f"{url}{path}", data=data, method="POST", headers={
+        "Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())

@@ -17,11 +17,10 @@ from urllib.parse import urlparse
 import pytest
 
 from instructlm.cli import main
-from instructlm.generate import Answerer, load_answerer, load_untuned_base
+from instructlm.generate import Answerer
 from instructlm.serve import ServeSettings, create_app, listen
-from instructlm.train import train
 
-from conftest import TINY_FILE, running_server, tiny_settings
+from conftest import post, running_server
 
 openai = pytest.importorskip("openai")
 from openai.types import Completion  # noqa: E402
@@ -31,16 +30,13 @@ LIMITS = ServeSettings(max_tokens=24, max_prompt_tokens=200)
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, tiny_base) -> Path:
-    folder = tmp_path_factory.mktemp("serve")
-    (folder / "facts.txt").write_text(TINY_FILE, encoding="utf-8")
-    return train(folder / "facts.txt", folder / "facts", tiny_settings(tiny_base),
-                 report=lambda m: None, progress=False)
+def run(tiny_run) -> Path:
+    return tiny_run
 
 
 @pytest.fixture(scope="module")
-def models(run) -> dict[str, Answerer]:
-    return {"facts": load_answerer(str(run)), "facts:base": load_untuned_base(str(run))}
+def models(tiny_models) -> dict[str, Answerer]:
+    return tiny_models
 
 
 @pytest.fixture(scope="module")
@@ -52,19 +48,6 @@ def url(models) -> str:
 @pytest.fixture
 def client(url):
     return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-
-
-def post(url: str, path: str, body: bytes | str | dict, headers: dict | None = None,
-         ) -> tuple[int, dict]:
-    data = body if isinstance(body, bytes) else (
-        body.encode() if isinstance(body, str) else json.dumps(body).encode())
-    request = urllib.request.Request(f"{url}{path}", data=data, method="POST", headers={
-        "Content-Type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
 
 
 # --- the official client, its own types -----------------------------------------------------
@@ -237,13 +220,18 @@ def test_unknown_model_and_path_get_404s(url, client):
 
 def test_the_api_key_is_required_when_set(models):
     with running_server(create_app(models, ServeSettings(api_key="sesame"))) as url:
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sesame2"}):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sesame"},
+                        {"Authorization": "Basic sesame"}):
             status, reply = post(url, "/v1/completions", {"prompt": "Say hello."}, headers)
             assert status == 401
             assert reply["error"]["type"] == "authentication_error"
         wrong = openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
             wrong.models.list()
+        # The scheme's name in any case (RFC 7235).
+        status, _ = post(url, "/v1/completions", {"prompt": "Say hello."},
+                         {"Authorization": "bearer sesame"})
+        assert status == 200
         right = openai.OpenAI(base_url=f"{url}/v1", api_key="sesame", max_retries=0)
         assert right.completions.create(model="facts", prompt="Say hello.").choices[0].text \
             == "Hello!"

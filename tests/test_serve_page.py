@@ -9,11 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from instructlm.generate import load_answerer, load_untuned_base
 from instructlm.serve import ServeSettings, create_app
-from instructlm.train import train
 
-from conftest import TINY_FILE, running_server, tiny_settings
+from conftest import running_server
 
 sync_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser",
@@ -24,12 +22,8 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory, tiny_base):
-    folder = tmp_path_factory.mktemp("page")
-    (folder / "facts.txt").write_text(TINY_FILE, encoding="utf-8")
-    run = train(folder / "facts.txt", folder / "facts", tiny_settings(tiny_base),
-                report=lambda m: None, progress=False)
-    return {"facts": load_answerer(str(run)), "facts:base": load_untuned_base(str(run))}
+def models(tiny_models):
+    return tiny_models
 
 
 @pytest.fixture(scope="module")

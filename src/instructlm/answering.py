@@ -12,7 +12,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from . import openai_api as api
 from .errors import InstructlmError
@@ -111,10 +111,14 @@ class Models:
             raise too_long
         return n
 
-    def answer_all(self, plan: Plan) -> list[Answer]:
+    def answer_all(self, plan: Plan, gone: Callable[[], bool] = lambda: False) -> list[Answer]:
+        """Every job's answer, decoded together; ended early (and the answers thrown away by
+        the caller) once `gone()` says the client has left."""
         with self.lock:
+            if gone():  # it left while waiting for the model
+                return []
             return list(plan.answerer.answer([job.example for job in plan.jobs], plan.decode,
-                                             batch_size=len(plan.jobs)))
+                                             batch_size=len(plan.jobs), should_stop=gone))
 
     async def stream(self, plan: Plan) -> AsyncIterator[Piece]:
         """Pieces of text as they are decoded, job after job, in order."""

@@ -5,8 +5,9 @@ has ended.
 that runs on to the token limit makes the whole batch pay for it (on a CPU, 32 answers then
 took as long as answering them one at a time). This loop does what `generate` does for
 greedy and sampled decoding, with the library's own logits warpers, but after each step
-keeps only the unfinished rows of the batch and of its key/value cache. Beam search,
-stop texts and n-gram blocking stay with `generate`.
+keeps only the unfinished rows of the batch and of its key/value cache. A row also ends
+when the caller says so on hearing its latest token (a stop text appeared). Beam search and
+n-gram blocking stay with `generate`.
 
 Once one greedy answer is left (alone from the start, or the last of a batch), it goes on
 with prompt lookup decoding: tokens that followed the same few tokens earlier in the
@@ -29,23 +30,22 @@ MAX_NGRAM = 3  # the longest run of last tokens looked up in the text so far
 MAX_GUESS = 32  # tokens proposed at most; checking 32 took ~2.5x the time of one here
 
 
-def can_drop_finished(model: Any, beams: int, stop: tuple[str, ...],
-                      no_repeat_ngram: int) -> bool:
-    return (model.config.model_type in LLAMA_LIKE_MODELS and beams == 1 and not stop
-            and not no_repeat_ngram)
+def can_drop_finished(model: Any, beams: int, no_repeat_ngram: int) -> bool:
+    return model.config.model_type in LLAMA_LIKE_MODELS and beams == 1 and not no_repeat_ngram
 
 
 def answers_as_they_end(model: Any, ids: Any, mask: Any, max_new_tokens: int,
                         end_ids: list[int], sample: bool = False, temperature: float = 1.0,
                         top_p: float = 1.0,
-                        on_token: Callable[[int, int], None] | None = None,
+                        on_token: Callable[[int, int], bool | None] | None = None,
                         should_stop: Callable[[], bool] | None = None,
                         ) -> Iterator[tuple[int, list[int]]]:
     """(row, new token ids) of each left-padded row as soon as it has ended, the ids ending
     with its end token if it ended; rows that reach `max_new_tokens` together come in order.
 
-    `on_token(row, token)` hears of each new token as it comes (for streaming); decoding
-    ends early once `should_stop()` is true. The model runs in inference mode, which is
+    `on_token(row, token)` hears of each new token as it comes (for streaming, and stop
+    texts): when it returns true, that row has ended. Decoding ends early once
+    `should_stop()` is true. The model runs in inference mode, which is
     left while the caller has the answer.
     """
     import torch
@@ -56,7 +56,7 @@ def answers_as_they_end(model: Any, ids: Any, mask: Any, max_new_tokens: int,
 
 def _decode(model: Any, ids: Any, mask: Any, max_new_tokens: int, end_ids: list[int],
             sample: bool, temperature: float, top_p: float,
-            on_token: Callable[[int, int], None] | None,
+            on_token: Callable[[int, int], bool | None] | None,
             should_stop: Callable[[], bool] | None) -> Iterator[tuple[int, list[int]]]:
     import torch
     from transformers import (DynamicCache, LogitsProcessorList, TemperatureLogitsWarper,
@@ -85,11 +85,11 @@ def _decode(model: Any, ids: Any, mask: Any, max_new_tokens: int, end_ids: list[
             token = torch.multinomial(scores.softmax(-1), 1).squeeze(1)
         else:
             token = scores.argmax(-1)
+        told = []  # rows the caller ended
         for row, t in zip(rows.tolist(), token.tolist(), strict=True):
             answers[row].append(t)
-            if on_token:
-                on_token(row, t)
-        going = ~torch.isin(token, ends)
+            told.append(bool(on_token and on_token(row, t)))
+        going = ~torch.isin(token, ends) & ~torch.tensor(told, device=token.device)
         if not going.any() or step == max_new_tokens or (should_stop and should_stop()):
             break
         for row in rows[~going].tolist():
@@ -102,7 +102,7 @@ def _decode(model: Any, ids: Any, mask: Any, max_new_tokens: int, end_ids: list[
             row = int(rows[0])
             _finish_by_lookup(model, {name: cache}, prompts[row], answers[row], mask,
                               int(position), max_new_tokens, end_ids,
-                              lambda token: on_token(row, token) if on_token else None,
+                              lambda token: bool(on_token and on_token(row, token)),
                               should_stop)
             break
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
@@ -115,7 +115,7 @@ def _decode(model: Any, ids: Any, mask: Any, max_new_tokens: int, end_ids: list[
 
 def _finish_by_lookup(model: Any, cache: dict[str, Any], prompt: list[int],
                       answer: list[int], mask: Any, position: int, max_new_tokens: int,
-                      end_ids: list[int], on_token: Callable[[int], None],
+                      end_ids: list[int], on_token: Callable[[int], bool],
                       should_stop: Callable[[], bool] | None) -> None:
     """Continue one greedy `answer` (its last token not yet run) by prompt lookup decoding.
 
@@ -141,8 +141,7 @@ def _finish_by_lookup(model: Any, cache: dict[str, Any], prompt: list[int],
         new = chosen[:right + 1]
         for token in new:  # one at a time, as plain decoding would hand them out
             answer.append(token)
-            on_token(token)
-            if token in end_ids or (should_stop and should_stop()):
+            if on_token(token) or token in end_ids or (should_stop and should_stop()):
                 return
         wrong = len(proposed) - right  # their keys and values are not the answer's
         if wrong:

@@ -76,12 +76,14 @@ class Answerer:
         self.name = name
 
     def answer(self, items: Iterable[str | Example], decode: DecodeSettings = DecodeSettings(),
-               batch_size: int = BATCH_SIZE) -> Iterator[Answer]:
-        """Answer instructions lazily, `batch_size` at a time, in input order."""
+               batch_size: int = BATCH_SIZE,
+               should_stop: Callable[[], bool] | None = None) -> Iterator[Answer]:
+        """Answer instructions lazily, `batch_size` at a time, in input order; decoding ends
+        early once `should_stop()` is true."""
         it = iter(items)
         while batch := list(itertools.islice(it, batch_size)):
             examples = [Example(x, "") if isinstance(x, str) else x for x in batch]
-            yield from self._answer_batch(examples, decode)
+            yield from self._answer_batch(examples, decode, should_stop=should_stop)
 
     def prompt_ids(self, example: Example) -> list[int]:
         """The token ids the model sees before it answers `example`."""
@@ -128,16 +130,23 @@ class Answerer:
         if decode.sample:
             torch.manual_seed(decode.seed)
         device = self.model.device
-        if can_drop_finished(self.model, decode.beams, decode.stop, decode.no_repeat_ngram):
+        if can_drop_finished(self.model, decode.beams, decode.no_repeat_ngram):
             if streamer:  # it skips what it is given first: the prompt, as `generate` does
                 streamer.put(ids)
+            heard = _StopTexts(tok, decode.stop, len(examples))
+
+            def on_token(row: int, token: int) -> bool:
+                if streamer:
+                    streamer.put(torch.tensor([token]))
+                return heard(row, token)
+
             ready: dict[int, list[int]] = {}  # ended, waiting for those before them
             given = 0
             for row, tokens in answers_as_they_end(
                     self.model, ids.to(device), mask.to(device), decode.max_new_tokens,
                     eos_ids, decode.sample, decode.temperature, decode.top_p,
-                    on_token=(lambda row, token: streamer.put(torch.tensor([token])))
-                    if streamer else None, should_stop=should_stop):
+                    on_token=on_token if streamer or decode.stop else None,
+                    should_stop=should_stop):
                 ready[row] = tokens
                 while given in ready:
                     yield self._finish(examples[given], ready.pop(given), eos_ids, decode)
@@ -178,6 +187,24 @@ class Answerer:
         text = cutter.feed(self.tokenizer.decode(tokens, skip_special_tokens=True))
         text += cutter.finish()
         return Answer(ex.instruction, text, "stop" if cutter.stopped else reason, len(tokens))
+
+
+class _StopTexts:
+    """Whether a row's answer so far holds a stop text, told token by token: the decoding
+    loop then ends that row, as the model's end token would."""
+
+    def __init__(self, tokenizer: Any, stops: tuple[str, ...], rows: int) -> None:
+        self.tokenizer = tokenizer
+        self.stops = tuple(s for s in stops if s)
+        self.tokens: list[list[int]] = [[] for _ in range(rows)]
+
+    def __call__(self, row: int, token: int) -> bool:
+        if not self.stops:
+            return False
+        self.tokens[row].append(token)
+        # The whole answer is decoded again: a token's text can depend on those before it.
+        text = self.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
+        return any(stop in text for stop in self.stops)
 
 
 def _asked(should_stop: Callable[[], bool] | None) -> Any:

@@ -12,9 +12,17 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+# What one request may ask for, all in one place (the README's "Limits" lists them). Each
+# bounds the memory or the time a single request can take from everyone else.
+MAX_BODY_BYTES = 1 << 20  # a request body (JSON), checked before it is parsed: else 413
+BODY_TIMEOUT_S = 15.0  # to send the whole body: else 408
 MAX_CHOICES = 8  # `n`: answers per prompt
 MAX_PROMPTS = 8  # prompts in one completions request
-MAX_STOPS = 4  # OpenAI's own limit
+MAX_STOPS = 4  # stop texts, OpenAI's own limit
+MAX_STOP_CHARS = 100  # characters of one stop text
+MAX_MESSAGES = 256  # messages of one chat request (and text parts of one message)
+# The prompt's tokens are limited by `serve --max-prompt-tokens` (default 2048); text over 16
+# characters a token is refused before it is tokenized.
 # Requests are validated strictly, as their JSON schema reads: "2" is not a number, 1 is not
 # true. Fields OpenAI's clients send that a local model cannot honour are ignored.
 REQUEST = ConfigDict(strict=True, extra="ignore")
@@ -38,20 +46,24 @@ class ApiError(Exception):
         self.status, self.param, self.code, self.kind = status, param, code, kind
 
 
+StopText = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+
+
 class Sampling(BaseModel):
     """What both endpoints share. A missing or zero temperature means greedy decoding."""
 
     model_config = REQUEST
 
-    model: str | None = Field(None, description="A served model's id; the tuned run when "
-                                                "missing (GET /v1/models lists them).")
+    model: str | None = Field(None, min_length=1,
+                              description="A served model's id; the tuned run when missing "
+                                          "(GET /v1/models lists them).")
     max_tokens: int | None = Field(None, ge=1, description="Capped by the server's limit.")
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | Annotated[list[str], Field(max_length=MAX_STOPS)] | None = None
+    stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOPS)] | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
 
     def stops(self) -> tuple[str, ...]:
@@ -82,7 +94,7 @@ class TextPart(BaseModel):
 class Message(BaseModel):
     model_config = REQUEST
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    content: str | Annotated[list[TextPart], Field(max_length=MAX_MESSAGES)]
     name: str | None = None
 
     def text(self) -> str:
@@ -92,7 +104,7 @@ class Message(BaseModel):
 
 
 class ChatRequest(Sampling):
-    messages: list[Message] = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1, description="Same as max_tokens.")
     logprobs: Annotated[Literal[False] | None, exactly(False)] = None  # not supported
 

@@ -6,9 +6,11 @@ events and the page. What is asked of the models, and how, is in answering.py.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ from starlette.exceptions import HTTPException
 from . import __version__
 from . import openai_api as api
 from .answering import Models, Plan, chat_example, completion_examples
+from .body_limit import BodyLimit
 from .errors import InstructlmError
 from .formats import Example
 from .generate import Answer, Answerer
@@ -35,6 +38,7 @@ class ServeSettings:
     max_tokens: int = 256  # the most new tokens of one answer, and the default
     max_prompt_tokens: int = 2048
     api_key: str | None = None
+    body_timeout_s: float = api.BODY_TIMEOUT_S  # to send a request's body
 
 
 def error_response(status: int, message: str, kind: str = "invalid_request_error",
@@ -54,13 +58,17 @@ def create_app(models: dict[str, Answerer], settings: ServeSettings = ServeSetti
     """The HTTP application serving `models`; the first one is the default model."""
     served = Models(models, settings.max_tokens, settings.max_prompt_tokens)
     app = FastAPI(title="instructlm", version=__version__, docs_url=None, redoc_url=None)
+    app.add_middleware(BodyLimit, max_bytes=api.MAX_BODY_BYTES,
+                       timeout_s=settings.body_timeout_s)
     _add_error_handlers(app)
 
     def check_key(request: Request) -> None:
         if settings.api_key is None:
             return
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not secrets.compare_digest(given.encode(), settings.api_key.encode()):
+        # 'Bearer KEY'; the scheme's name is case-insensitive (RFC 7235), and needed.
+        scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(
+                given.strip().encode(), settings.api_key.encode()):
             raise ApiError(401, "a valid API key is needed: send 'Authorization: Bearer KEY'",
                            code="invalid_api_key", kind="authentication_error")
 
@@ -79,26 +87,32 @@ def create_app(models: dict[str, Answerer], settings: ServeSettings = ServeSetti
                        "model_not_found")
 
     async def answer(request: api.Sampling, examples: list[Example], param: str,
-                     chunks: Any, whole: Any) -> Any:
+                     chunks: Any, whole: Any, client: Request) -> Any:
         """Check the request, then answer it as a stream of events or in one response."""
         plan = await run_in_threadpool(served.plan, request, examples, param)
         if request.stream:
             return _event_stream(chunks(served, plan, request))
-        answers = await run_in_threadpool(served.answer_all, plan)
+        gone = threading.Event()  # the client hung up: stop decoding for it
+        watch = asyncio.create_task(_watch_disconnect(client, gone))
+        try:
+            answers = await run_in_threadpool(served.answer_all, plan, gone.is_set)
+        finally:
+            watch.cancel()
         return whole(plan, answers)
 
     @v1.post("/completions", response_model=api.Completion, responses=STREAM)
-    async def completions(request: api.CompletionRequest) -> Any:
+    async def completions(request: api.CompletionRequest, client: Request) -> Any:
         return await answer(request, completion_examples(request), "prompt",
-                            _completion_chunks, _completion)
+                            _completion_chunks, _completion, client)
 
     @v1.post("/chat/completions", response_model=api.ChatCompletion, responses=STREAM)
-    async def chat_completions(request: api.ChatRequest) -> Any:
+    async def chat_completions(request: api.ChatRequest, client: Request) -> Any:
         if request.max_completion_tokens is not None:
             request.max_tokens = request.max_completion_tokens
         answerer = served.models.get(request.model or served.default)
         examples = [chat_example(request, answerer)] if answerer else []  # else a 404
-        return await answer(request, examples, "messages", _chat_chunks, _chat_completion)
+        return await answer(request, examples, "messages", _chat_chunks, _chat_completion,
+                            client)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def playground() -> HTMLResponse:
@@ -106,6 +120,13 @@ def create_app(models: dict[str, Answerer], settings: ServeSettings = ServeSetti
 
     app.include_router(v1)
     return app
+
+
+async def _watch_disconnect(client: Request, gone: threading.Event) -> None:
+    """Set `gone` once the client has hung up (checked every 0.1 s)."""
+    while not await client.is_disconnected():
+        await asyncio.sleep(0.1)
+    gone.set()
 
 
 def _add_error_handlers(app: FastAPI) -> None:

@@ -211,6 +211,7 @@ def _train(data: InstructionSet, output: Path, settings: TrainSettings, force: b
         info = _run_info(output, settings, source, template, data, train_set, eval_set,
                          losses, seconds, precision)
         info["metrics"]["answer_scores"] = closing.summary
+        info["metrics"]["closing_answers"] = closing.rows
         if adapted is not None:  # the adapter alone; the run names its base
             info["lora"] = lora
             adapted.save_pretrained(staging)
@@ -448,6 +449,7 @@ def _run_info(output: Path, settings: TrainSettings, source: str, template: Temp
                  "n_train": len(train_set), "n_eval": len(eval_set),
                  "n_dropped": len(data.train) + len(data.eval) - len(train_set) - len(eval_set)},
         "metrics": {
+            "steps": len(train_losses),
             "final_train_loss": train_losses[-1] if train_losses else None,
             "eval_loss": [r["eval_loss"] for r in losses if "eval_loss" in r],
             "train_seconds": round(seconds, 3),

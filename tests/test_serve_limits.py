@@ -1,0 +1,136 @@
+"""serve under abuse: requests over a limit are refused at once, in OpenAI's error shape,
+without the server's memory growing; a client that leaves stops its decoding."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import threading
+import time
+from urllib.parse import urlparse
+
+import pytest
+
+from instructlm import openai_api as api
+from instructlm.generate import Answer, Answerer
+from instructlm.serve import ServeSettings, create_app
+
+from conftest import post, running_server
+
+SETTINGS = ServeSettings(max_tokens=24, max_prompt_tokens=200, body_timeout_s=0.5)
+
+
+@pytest.fixture(scope="module")
+def url(tiny_models):
+    with running_server(create_app(tiny_models, SETTINGS)) as address:
+        yield address
+
+
+def rss_mb() -> float:
+    for line in open("/proc/self/status", encoding="ascii"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def raw_request(url: str, head: str, body: bytes = b"", wait: float = 10.0) -> tuple[int, dict]:
+    """Send `head` and `body` over a socket as they are; (status, JSON) of the answer."""
+    address = urlparse(url)
+    with socket.create_connection((address.hostname, address.port), timeout=wait) as sock:
+        sock.sendall(head.encode() + b"\r\n" + body)
+        received = b""
+        while b"\r\n\r\n" not in received or not received.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+    status = int(received.split(b" ", 2)[1])
+    return status, json.loads(received.split(b"\r\n\r\n", 1)[1])
+
+
+def test_a_long_stop_text_is_refused_at_once(url):
+    for stop in ("x" * (api.MAX_STOP_CHARS + 1), ["a", "x" * 100_000]):
+        started = time.monotonic()
+        status, reply = post(url, "/v1/completions", {"prompt": "Say hello.", "stop": stop})
+        assert status == 400 and reply["error"]["param"].startswith("stop")
+        assert time.monotonic() - started < 1
+
+
+def test_stop_texts_cut_a_whole_answer_as_they_cut_a_streamed_one(url):
+    request = {"model": "facts", "prompt": "Name three fruits.", "stop": [", "]}
+    status, reply = post(url, "/v1/completions", request)
+    assert status == 200
+    assert reply["choices"][0] == {"index": 0, "text": "Apple", "logprobs": None,
+                                   "finish_reason": "stop"}
+    assert reply["usage"]["completion_tokens"] < 6  # decoding ended at the stop text
+
+
+def test_a_body_over_the_limit_gets_413_before_it_is_read(url):
+    before = rss_mb()
+    # 22 MB of empty chat messages, announced by Content-Length
+    body = json.dumps({"messages": [{"role": "user", "content": ""}] * 660_000}).encode()
+    started = time.monotonic()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+            f"\r\nContent-Length: {len(body)}\r\n")
+    status, reply = raw_request(url, head, body[:65536])
+    assert status == 413 and "larger than this server accepts" in reply["error"]["message"]
+    # the same without a length: read in chunks until it is too large
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(part), part)
+                       for part in (body[i:i + 65536] for i in range(0, 2 * api.MAX_BODY_BYTES,
+                                                                      65536)))
+    head = ("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+            "\r\nTransfer-Encoding: chunked\r\n")
+    status, reply = raw_request(url, head, chunked + b"0\r\n\r\n")
+    assert status == 413
+    assert time.monotonic() - started < 5
+    assert rss_mb() - before < 50
+
+
+def test_many_messages_within_the_body_limit_are_refused(url):
+    messages = [{"role": "user", "content": ""}] * (api.MAX_MESSAGES + 1)
+    status, reply = post(url, "/v1/chat/completions", {"messages": messages})
+    assert status == 400 and reply["error"]["param"] == "messages"
+
+
+def test_a_body_that_never_arrives_whole_times_out(url):
+    started = time.monotonic()
+    head = ("POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            "Content-Length: 100\r\n")
+    status, reply = raw_request(url, head, b'{"prompt": ')
+    assert status == 408 and "did not arrive" in reply["error"]["message"]
+    assert time.monotonic() - started < 5
+
+
+def test_an_empty_model_name_is_refused(url):
+    status, reply = post(url, "/v1/completions", {"model": "", "prompt": "Say hello."})
+    assert status == 400 and reply["error"]["param"] == "model"
+
+
+class EndlessAnswerer(Answerer):
+    """Answers whole (not streamed) until asked to stop."""
+
+    def __init__(self, real: Answerer) -> None:
+        super().__init__(real.model, real.tokenizer, real.template, real.name)
+        self.stopped = threading.Event()
+
+    def answer(self, items, decode, batch_size=32, should_stop=None):
+        while not should_stop():
+            time.sleep(0.01)
+        self.stopped.set()
+        yield from [Answer(str(x), "", "stop", 0) for x in items]
+
+
+def test_a_client_leaving_a_whole_answer_stops_its_decoding(tiny_models):
+    endless = EndlessAnswerer(tiny_models["facts"])
+    app = create_app({"facts": endless, "real": tiny_models["facts"]}, SETTINGS)
+    with running_server(app) as url:
+        address = urlparse(url)
+        connection = http.client.HTTPConnection(address.hostname, address.port, timeout=30)
+        connection.request("POST", "/v1/completions", json.dumps({"prompt": "Go"}),
+                           {"Content-Type": "application/json"})
+        time.sleep(0.3)
+        connection.close()  # gone before the answer
+        assert endless.stopped.wait(timeout=5)
+        status, reply = post(url, "/v1/completions", {"model": "real", "prompt": "Say hello."})
+        assert status == 200 and reply["choices"][0]["text"] == "Hello!"
