@@ -12,6 +12,7 @@ API_KEY_ENV = "INSTRUCTLM_API_KEY"  # a key in the environment, not in `ps` outp
 
 
 def _add_training(p: argparse.ArgumentParser) -> None:
+    from .budget import DEFAULT_EPOCHS, SCHEDULES
     from .devices import PRECISIONS
     from .train import FULL_LR, LORA_LR, TrainSettings
 
@@ -22,7 +23,16 @@ def _add_training(p: argparse.ArgumentParser) -> None:
                    help="allow a hub model to run its own Python code (only for ids you trust)")
     p.add_argument("--template", help="seed-de, seed-en, chat, or a string with {instruction} "
                                       "(default: the base model's chat template, else seed-en)")
-    p.add_argument("--epochs", type=int, help=f"passes over the data (default {d.epochs})")
+    p.add_argument("--epochs", type=int,
+                   help=f"passes over the data (default: {DEFAULT_EPOCHS}, raised to reach "
+                        f"--min-steps)")
+    p.add_argument("--min-steps", type=int,
+                   help=f"without --epochs: train at least this many optimizer steps "
+                        f"(default {d.min_steps})")
+    p.add_argument("--schedule", choices=SCHEDULES,
+                   help=f"learning rate after the warm-up (default {d.schedule}): linear "
+                        "decay to zero, constant, cosine, or wsd (constant, then a decay over "
+                        "the last 20%%)")
     p.add_argument("--lr", type=float, help=f"peak learning rate (default {FULL_LR:g}, with "
                                             f"--lora {LORA_LR:g})")
     p.add_argument("--batch-size", type=int, help=f"examples a step (default {d.batch_size})")

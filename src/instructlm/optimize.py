@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 from .errors import InstructlmError
+from .budget import make_scheduler
 from .loss import batch_loss
 
 
@@ -19,12 +20,12 @@ class TrainStep:
     """Call with a collated batch to train on it; returns the batch's loss."""
 
     def __init__(self, model: Any, lr: float, weight_decay: float, warmup_ratio: float,
-                 total_steps: int, device: str, precision: str, labels_only: bool = True,
+                 total_steps: int, device: str, precision: str, schedule: str = "linear",
+                 labels_only: bool = True,
                  master_weights: bool = True, sparse_embedding: bool = True,
                  share_prefix: bool = True, pack: bool = True, accelerator: Any = None,
                  fsdp: Any = None) -> None:
         import torch
-        from transformers import get_linear_schedule_with_warmup
 
         from .distributed import shard_model
 
@@ -69,8 +70,7 @@ class TrainStep:
         # The fused kernel updates all parameters in one pass: ~5x faster than the for-loop
         # default on a CPU, where that took a third of the step.
         self.optimizer = torch.optim.AdamW(groups, lr=lr, fused=True)
-        self.scheduler = get_linear_schedule_with_warmup(
-            self.optimizer, math.ceil(warmup_ratio * total_steps), total_steps)
+        self.scheduler = make_scheduler(self.optimizer, schedule, warmup_ratio, total_steps)
 
     @property
     def lr(self) -> float:

@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator
 
 from . import __version__, checkpoints
 from .adapters import LoraSettings, adapter_summary, add_lora
+from .budget import DEFAULT_SCHEDULE, MIN_STEPS, SCHEDULES, choose_budget
 from .base import EMBEDDED, EMBEDDED_NAME, load_model, load_tokenizer, resolve_base
 from .devices import PRECISIONS, pick_device, resolve_precision
 from .distributed import (
@@ -58,7 +59,9 @@ class TrainSettings:
 
     base: str = EMBEDDED
     template: str = "auto"  # auto: the base model's chat template if it has one, else seed-en
-    epochs: int = 4
+    epochs: int | None = None  # None: chosen from the file's size (budget.py)
+    min_steps: int = MIN_STEPS  # with epochs None: train at least this many steps
+    schedule: str = DEFAULT_SCHEDULE  # of the learning rate after warm-up: budget.SCHEDULES
     lr: float | None = None  # None: FULL_LR, or LORA_LR with lora
     batch_size: int = 8
     max_length: int = 512
@@ -87,7 +90,9 @@ class TrainSettings:
     def check(self) -> None:
         """Refuse settings that cannot train, before anything is loaded."""
         problems = [f"--{name.replace('_', '-')} must be {rule}" for name, ok, rule in (
-            ("epochs", self.epochs >= 1, "at least 1"),
+            ("epochs", self.epochs is None or self.epochs >= 1, "at least 1"),
+            ("min_steps", self.min_steps >= 1, "at least 1"),
+            ("schedule", self.schedule in SCHEDULES, " or ".join(SCHEDULES)),
             ("lr", self.lr is None or self.lr > 0, "above 0"),
             ("batch_size", self.batch_size >= 1, "at least 1"),
             ("max_length", self.max_length >= 2, "at least 2"),
@@ -158,6 +163,9 @@ def _train(data: InstructionSet, output: Path, settings: TrainSettings, force: b
     if not train_set:
         raise InstructlmError(f"{data.path}: no training example fits --max-length "
                               f"{settings.max_length}", hint="raise --max-length")
+    budget = choose_budget(len(train_set), settings.batch_size, settings.epochs,
+                           settings.min_steps)
+    settings = replace(settings, epochs=budget.epochs)  # saved so: a resumed run keeps it
     device = _device_name(accelerator.device) if accelerator else pick_device(settings.device)
     precision = resolve_precision(settings.precision, device)
     if accelerator:  # every process must train in the precision the main one chose
@@ -178,8 +186,10 @@ def _train(data: InstructionSet, output: Path, settings: TrainSettings, force: b
         n = accelerator.num_processes
         processes = f" in {n} process{'es' if n > 1 else ''}" + (" (FSDP)" if fsdp else "")
     report(f"Training {_base_name(settings.base)}{what} on {len(train_set)} examples "
-           f"({len(eval_set)} for evaluation), {settings.epochs} epochs, template "
-           f"{template.name}, {precision} on {device}{processes}")
+           f"({len(eval_set)} for evaluation), template {template.name}, {precision} on "
+           f"{device}{processes}")
+    report(f"Budget: {budget.why}; learning rate {settings.lr:g}, {settings.schedule} "
+           "schedule")
 
     folder = checkpoints.checkpoint_dir(output)
     about = {"file": str(Path(data.path).resolve()), "sha256": data.sha256,
@@ -210,6 +220,7 @@ def _train(data: InstructionSet, output: Path, settings: TrainSettings, force: b
         closing = closing_answers(Answerer(model, tokenizer, template, output.name), data)
         info = _run_info(output, settings, source, template, data, train_set, eval_set,
                          losses, seconds, precision)
+        info["budget"] = {"epochs": budget.epochs, "steps": budget.steps, "why": budget.why}
         info["metrics"]["answer_scores"] = closing.summary
         info["metrics"]["closing_answers"] = closing.rows
         if adapted is not None:  # the adapter alone; the run names its base
@@ -305,7 +316,7 @@ def fit(model: Any, train_set: list[EncodedExample], eval_set: list[EncodedExamp
 
     total = math.ceil(len(train_set) / settings.batch_size) * settings.epochs
     step = TrainStep(model, settings.lr, settings.weight_decay, settings.warmup_ratio, total,
-                     device, precision, accelerator=accelerator, fsdp=fsdp)
+                     device, precision, settings.schedule, accelerator=accelerator, fsdp=fsdp)
     shard, main = Shard(accelerator), accelerator is None or accelerator.is_main_process
     # A sharded model answers only when every process takes part.
     evaluates = main or fsdp is not None
