@@ -9,6 +9,7 @@ ends where an uninterrupted one would. The folder is removed once the run is sav
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -52,15 +53,29 @@ def save(folder: Path, done: int, records: list[dict[str, Any]], step_state: dic
 
     partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    torch.save({**step_state, "rng_states": rng_states}, partial / TENSORS_FILE)
-    state = {**about, "done": done, "records": records}
-    (partial / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
-    old = folder.with_name(f"{folder.name}.old-{os.getpid()}")
-    if folder.exists():
-        folder.rename(old)
-    partial.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
+    try:
+        partial.mkdir(parents=True)
+        torch.save({**step_state, "rng_states": rng_states}, partial / TENSORS_FILE)
+        state = {**about, "done": done, "records": records}
+        (partial / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
+        old = folder.with_name(f"{folder.name}.old-{os.getpid()}")
+        if folder.exists():
+            folder.rename(old)
+        try:
+            partial.rename(folder)
+        except BaseException:
+            if old.exists() and not folder.exists():
+                old.rename(folder)  # the earlier checkpoint stays
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
+        shutil.rmtree(partial, ignore_errors=True)
+        full = getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err) \
+            or "unexpected pos" in str(err)
+        raise InstructlmError(
+            f"{'the disk is full: ' if full else ''}the checkpoint in {folder} could not be "
+            f"written ({err}); the one before it, if any, is unchanged",
+            hint="free some space and continue with `instructlm train --resume`") from None
 
 
 def read_about(folder: Path) -> dict[str, Any]:
@@ -99,3 +114,13 @@ def restore_rng(checkpoint: Checkpoint, process: int = 0) -> None:
 
 def remove(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
+    tidy(folder)
+
+
+def tidy(folder: Path) -> None:
+    """Remove what killed checkpoint writes left beside `folder` (half-written copies), and
+    put back a checkpoint moved aside by one that was killed mid-swap."""
+    from .runs import recover_set_aside
+
+    if folder.parent.is_dir():
+        recover_set_aside(folder, hidden=False, complete=STATE_FILE)

@@ -50,7 +50,10 @@ def encode_example(example: Example, template: Template, tokenizer: Any, max_len
     `end_token=False` leaves it out, as the tutorial did (for comparisons).
     """
     prompt_ids = encode_prompt(render_prompt(template, example, tokenizer), tokenizer, template)
-    response_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"]
+    # The response is the user's text: a control token written in it ("<|im_end|>") is
+    # taught as the text it is, not as the token that ends an answer.
+    response_ids = tokenizer(example.response, add_special_tokens=False,
+                             split_special_tokens=True)["input_ids"]
     if end_token:
         response_ids = [*response_ids, end_token_id(tokenizer)]
     room = max_length - len(prompt_ids)
@@ -70,7 +73,13 @@ def encode_examples(examples: list[Example], template: Template, tokenizer: Any,
                     ) -> tuple[list[EncodedExample], list[str]]:
     """Encode many; return the kept ones and a warning for each dropped or cut example."""
     kept, warnings = [], []
+    specials = [t for t in getattr(tokenizer, "all_special_tokens", []) if len(t) > 1]
     for ex in examples:
+        written = [t for t in specials if t in f"{ex.instruction}{ex.input}{ex.response}"]
+        if written:
+            warnings.append(f"{ex.source}: holds the model's control token {written[0]!r} as "
+                            "text; the response is taught it as plain text, but check that "
+                            "you meant it")
         enc = encode_example(ex, template, tokenizer, max_length, end_token)
         if enc is None:
             warnings.append(f"{ex.source}: dropped, the prompt alone is longer than "

@@ -15,6 +15,9 @@ class InstructlmError(Exception):
         return self.message if not self.hint else f"{self.message}\n  hint: {self.hint}"
 
 
+EXCERPT = 200  # characters of a file's line shown in an error
+
+
 class InstructionFileError(InstructlmError):
     """A problem in an instruction file, located at `path:line`."""
 
@@ -22,8 +25,9 @@ class InstructionFileError(InstructlmError):
                  hint: str | None = None) -> None:
         where = f"{path}:{line}" if line else path
         full = f"{where}: {message}"
-        if text is not None:
-            full += f"\n  {line} | {text}"
+        if text is not None:  # a bounded excerpt: a line may be megabytes long
+            shown = text if len(text) <= EXCERPT else f"{text[:EXCERPT]}… ({len(text)} characters)"
+            full += f"\n  {line} | {shown}"
         super().__init__(full, hint)
         self.path = path
         self.line = line

@@ -90,6 +90,9 @@ def read_instruction_file(path: str | Path, need_train: bool = True) -> Instruct
                                         "(instruction#response a line) or JSONL")
     if path.is_dir():
         raise InstructionFileError(name, None, "is a folder, not an instruction file")
+    if not path.is_file():  # a pipe would block, a device such as /dev/zero never end
+        raise InstructionFileError(name, None, "is not a regular file",
+                                   hint="save the instructions to a file and give its path")
     raw = path.read_bytes()
     text = _decode_utf8(raw, name)
     lines = text.split("\n")
@@ -245,8 +248,21 @@ def _parse_jsonl(lines: list[str], name: str) -> tuple[str, list[tuple[Example, 
             continue
         try:
             rec = json.loads(line)
+            # Text that UTF-8 cannot hold (a lone surrogate such as "\ud800") is refused
+            # here, not by the tokenizer later.
+            json.dumps(rec, ensure_ascii=False).encode("utf-8")
         except json.JSONDecodeError as err:
             raise InstructionFileError(name, no, f"not valid JSON ({err.msg})", line,
+                                       hint="each line must be one JSON object") from None
+        except UnicodeEncodeError as err:
+            raise InstructionFileError(name, no, "holds text that is not Unicode: an unpaired "
+                                       f"surrogate {err.object[err.start]!r}", line,
+                                       hint="write the character itself, or a valid "
+                                            "\\uXXXX pair") from None
+        except (ValueError, RecursionError) as err:  # too deep, a number too long
+            reason = ("nested too deeply" if isinstance(err, RecursionError)
+                      else "a number too long" if "digits" in str(err) else str(err))
+            raise InstructionFileError(name, no, f"cannot be read as JSON: {reason}", line,
                                        hint="each line must be one JSON object") from None
         if not isinstance(rec, dict):
             raise InstructionFileError(name, no, "not a JSON object", line)

@@ -19,7 +19,7 @@ from .devices import pick_device
 from .encode import encode_prompt
 from .errors import InstructlmError
 from .formats import Example
-from .runs import is_run, read_run_info
+from .runs import is_run, read_run_info, recover_hidden
 from .templates import Template, choose_template, render_prompt
 from .textcut import TextCutter
 
@@ -232,6 +232,8 @@ def load_answerer(spec: str | None, template: str | Template | None = None,
     a custom string, or a run's Template), or its own chat template, or `seed-en`.
     """
     where = pick_device(device)  # a wrong name is refused before anything loads
+    if spec and not Path(spec).exists() and Path(spec).parent.is_dir():
+        recover_hidden(Path(spec))  # a run a killed command left moved aside
     if spec and is_run(spec):
         info = read_run_info(spec)
         if template is not None:

@@ -15,6 +15,8 @@ run never leaves a directory that looks complete, and an earlier run is replaced
 
 from __future__ import annotations
 
+import errno
+import glob
 import json
 import os
 import shutil
@@ -36,7 +38,10 @@ def is_run(path: str | Path) -> bool:
 
 
 def check_output(output: Path, force: bool) -> None:
-    """Refuse before any work is done if saving would overwrite something."""
+    """Refuse before any work is done if saving would overwrite something (after putting
+    back an earlier run that a killed command left moved aside)."""
+    if output.parent.is_dir():
+        recover_hidden(output)
     if not output.exists():
         return
     if not output.is_dir():
@@ -51,32 +56,101 @@ def check_output(output: Path, force: bool) -> None:
 
 
 @contextmanager
+def output_lock(output: Path) -> Iterator[None]:
+    """Hold `output` for one training at a time: a second one into the same place is
+    refused at once (it would silently replace the first one's run)."""
+    import fcntl
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    path = output.with_name(f".{output.name}.lock")
+    with open(path, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise InstructlmError(f"another training is writing to {output} ({holder})",
+                                  hint="wait for it to end, or choose another --output"
+                                  ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)  # while still locked: no one else holds it
+
+
+@contextmanager
 def staged_run(output: Path, force: bool) -> Iterator[Path]:
-    """Yield a hidden staging folder; on clean exit, move it atomically to `output`."""
+    """Yield a hidden staging folder; on clean exit, move it into place as `output`.
+
+    An earlier run at `output` is moved aside first and put back if the new one cannot
+    take its place; a run that was killed between the two renames is put back by the next
+    command that saves into the same place.
+    """
     check_output(output, force)
     output.parent.mkdir(parents=True, exist_ok=True)
-    _remove_dead_staging(output)
     staging = output.with_name(f".{output.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
     try:
+        staging.mkdir()
         yield staging
         check_output(output, force)  # something may have appeared while we trained
         old = output.with_name(f".{output.name}.old-{os.getpid()}")
         if output.exists():
             output.rename(old)
-        staging.rename(output)
+        try:
+            staging.rename(output)
+        except BaseException:
+            if old.exists() and not output.exists():
+                old.rename(output)  # the earlier run, back under its own name
+            raise
         shutil.rmtree(old, ignore_errors=True)
+    except OSError as err:
+        raise disk_error(err, output) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _remove_dead_staging(output: Path) -> None:
-    """Staging folders of runs that were killed outright (no chance to clean up)."""
-    for stale in output.parent.glob(f".{output.name}.partial-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _process_alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
+def disk_error(err: OSError, output: Path) -> Exception:
+    """An OSError while saving, said plainly: a full disk above all."""
+    if err.errno == errno.ENOSPC:
+        return InstructlmError(f"the disk is full: {output} could not be saved; any earlier "
+                               "run there is unchanged", hint="free some space and train again")
+    return InstructlmError(f"{output} could not be saved: {err.strerror or err}; any earlier "
+                           "run there is unchanged")
+
+
+def check_free_space(place: Path, needed: int, what: str) -> None:
+    """Refuse to start when the disk cannot hold what the run will write there."""
+    folder = next((p for p in (place, *place.parents) if p.is_dir()), Path("."))
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise InstructlmError(f"not enough disk space for {what}: about {needed / 1e9:.1f} GB "
+                              f"needed, {free / 1e9:.1f} GB free in {folder}",
+                              hint="free some space, or choose another --output")
+
+
+def recover_hidden(output: Path) -> None:
+    """Tidy what killed commands left beside a run: see `recover_set_aside`."""
+    recover_set_aside(output, hidden=True, complete=RUN_FILE)
+
+
+def recover_set_aside(target: Path, hidden: bool, complete: str) -> None:
+    """Remove the half-written copies (`NAME.partial-PID`) that killed processes left beside
+    `target`, and put back a folder they had moved aside (`NAME.old-PID`, whole when it holds
+    `complete`) if nothing took its place; `hidden`: the names begin with a dot."""
+    prefix = f"{'.' if hidden else ''}{target.name}."
+    for leftover in target.parent.glob(f"{glob.escape(prefix)}*-*"):
+        kind, _, pid = leftover.name[len(prefix):].rpartition("-")
+        if kind not in ("partial", "old") or not pid.isdigit() or _process_alive(int(pid)):
+            continue
+        if kind == "old" and not target.exists() and (leftover / complete).is_file():
+            leftover.rename(target)
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _process_alive(pid: int) -> bool:

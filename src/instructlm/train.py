@@ -39,8 +39,10 @@ from .runs import (
     DATA_FILE,
     LOSS_FILE,
     RUN_FILE,
+    check_free_space,
     check_output,
     model_card,
+    output_lock,
     staged_run,
     write_examples,
     write_json,
@@ -118,31 +120,45 @@ def train(file: str | Path, output: str | Path | None = None,
     """Train on an instruction file and save a run; return the run directory."""
     settings.check()
     output = Path(output) if output else default_output(file)
-    folder = checkpoints.checkpoint_dir(output)
-    if folder.exists():
-        if not force:
-            raise InstructlmError(f"{folder} holds the checkpoint of an interrupted run",
-                                  hint=f"continue it with `instructlm train --resume {output}`"
-                                       ", or pass --force to start over")
-        checkpoints.remove(folder)
-    return _train(read_instruction_file(file), output, settings.resolved(), force, report,
-                  progress)
+    data = read_instruction_file(file)
+    with _one_training(output):
+        folder = checkpoints.checkpoint_dir(output)
+        checkpoints.tidy(folder)
+        if folder.exists():
+            if not force:
+                raise InstructlmError(f"{folder} holds the checkpoint of an interrupted run",
+                                      hint=f"continue it with `instructlm train --resume "
+                                           f"{output}`, or pass --force to start over")
+            checkpoints.remove(folder)
+        return _train(data, output, settings.resolved(), force, report, progress)
 
 
 def resume(output: str | Path, report: Report = print, progress: bool = True) -> Path:
     """Continue an interrupted run from its last checkpoint, with its own file and settings."""
     output = Path(output)
-    folder = checkpoints.checkpoint_dir(output)
-    about = checkpoints.read_about(folder)
-    data = read_instruction_file(about["file"])
-    if data.sha256 != about["sha256"]:
-        raise InstructlmError(f"{about['file']} has changed since the interrupted run began",
-                              hint="resuming needs the same examples; train afresh with "
-                                   "--force to use the new file")
-    if main_process():
-        report(f"Resuming {output} from its checkpoint after step {about['done']}")
-    return _train(data, output, TrainSettings(**about["settings"]), about["force"], report,
-                  progress, checkpoints.load(folder))
+    with _one_training(output):
+        folder = checkpoints.checkpoint_dir(output)
+        checkpoints.tidy(folder)
+        about = checkpoints.read_about(folder)
+        data = read_instruction_file(about["file"])
+        if data.sha256 != about["sha256"]:
+            raise InstructlmError(f"{about['file']} has changed since the interrupted run "
+                                  "began", hint="resuming needs the same examples; train "
+                                                "afresh with --force to use the new file")
+        if main_process():
+            report(f"Resuming {output} from its checkpoint after step {about['done']}")
+        return _train(data, output, TrainSettings(**about["settings"]), about["force"],
+                      report, progress, checkpoints.load(folder))
+
+
+@contextmanager
+def _one_training(output: Path) -> Iterator[None]:
+    """The output held by this training (its main process) until it ends."""
+    if not main_process():
+        yield
+        return
+    with output_lock(output):
+        yield
 
 
 def _train(data: InstructionSet, output: Path, settings: TrainSettings, force: bool,
@@ -181,6 +197,8 @@ def _train(data: InstructionSet, output: Path, settings: TrainSettings, force: b
     adapted = add_lora(model, settings.lora_settings()) if settings.lora else None
     lora = adapter_summary(adapted) if adapted else None
     what = _describe_lora(lora) if lora else ""
+    if main:
+        _check_disk(output, adapted or model, settings.save_every > 0)
     processes = ""
     if accelerator:
         n = accelerator.num_processes
@@ -284,6 +302,15 @@ def unsharded(weights: dict[str, Any], source: str, settings: TrainSettings, dev
     adapted = add_lora(model, settings.lora_settings()) if settings.lora else None
     model.load_state_dict(weights)
     return model, adapted
+
+
+def _check_disk(output: Path, model: Any, checkpoints_too: bool) -> None:
+    """Refuse now, not after the training, when the disk cannot hold what will be saved:
+    the trained weights in fp32, and with checkpoints two of them (the last one stays until
+    the next is whole) with AdamW's two moments."""
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad) * 4
+    needed = trained + (2 * 3 * trained if checkpoints_too else 0)
+    check_free_space(output.parent, int(needed * 1.05) + 50_000_000, f"the run {output}")
 
 
 def _device_name(device: Any) -> str:
