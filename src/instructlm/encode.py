@@ -30,9 +30,19 @@ class EncodedExample:
 
 def encode_prompt(prompt: str, tokenizer: Any, template: Template) -> list[int]:
     """Token ids of a rendered prompt, the same way for training and for asking."""
+    return _encode_prompts([prompt], tokenizer, template)[0]
+
+
+def _encode_prompts(prompts: list[str], tokenizer: Any, template: Template) -> list[list[int]]:
     # A chat-rendered prompt already holds the model's special tokens (BOS included, where the
     # model uses one); a plain-text prompt gets what the tokenizer adds by itself.
-    return tokenizer(prompt, add_special_tokens=template.name != "chat")["input_ids"]
+    return tokenizer(prompts, add_special_tokens=template.name != "chat")["input_ids"]
+
+
+def _encode_responses(responses: list[str], tokenizer: Any) -> list[list[int]]:
+    # The response is the user's text: a control token written in it ("<|im_end|>") is
+    # taught as the text it is, not as the token that ends an answer.
+    return tokenizer(responses, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 
 def end_token_id(tokenizer: Any) -> int:
@@ -49,23 +59,30 @@ def encode_example(example: Example, template: Template, tokenizer: Any, max_len
     The response is followed by the end token, which is how the model learns to stop;
     `end_token=False` leaves it out, as the tutorial did (for comparisons).
     """
-    prompt_ids = encode_prompt(render_prompt(template, example, tokenizer), tokenizer, template)
-    # The response is the user's text: a control token written in it ("<|im_end|>") is
-    # taught as the text it is, not as the token that ends an answer.
-    response_ids = tokenizer(example.response, add_special_tokens=False,
-                             split_special_tokens=True)["input_ids"]
-    if end_token:
-        response_ids = [*response_ids, end_token_id(tokenizer)]
-    room = max_length - len(prompt_ids)
-    if room <= 0:
-        return None
-    truncated = len(response_ids) > room
-    response_ids = response_ids[:room]
-    return EncodedExample(
-        input_ids=prompt_ids + response_ids,
-        labels=[IGNORE_INDEX] * len(prompt_ids) + response_ids,
-        truncated=truncated,
-    )
+    return _encode_many([example], template, tokenizer, max_length, end_token)[0]
+
+
+def _encode_many(examples: list[Example], template: Template, tokenizer: Any, max_length: int,
+                 end_token: bool) -> list[EncodedExample | None]:
+    """encode_example of each, tokenized in one batch (several times faster for many)."""
+    if not examples:
+        return []
+    prompts = _encode_prompts([render_prompt(template, ex, tokenizer) for ex in examples],
+                              tokenizer, template)
+    responses = _encode_responses([ex.response for ex in examples], tokenizer)
+    end = [end_token_id(tokenizer)] if end_token else []
+    out: list[EncodedExample | None] = []
+    for prompt_ids, response_ids in zip(prompts, responses, strict=True):
+        response_ids = [*response_ids, *end]
+        room = max_length - len(prompt_ids)
+        if room <= 0:
+            out.append(None)
+            continue
+        out.append(EncodedExample(
+            input_ids=prompt_ids + response_ids[:room],
+            labels=[IGNORE_INDEX] * len(prompt_ids) + response_ids[:room],
+            truncated=len(response_ids) > room))
+    return out
 
 
 def encode_examples(examples: list[Example], template: Template, tokenizer: Any,
@@ -74,13 +91,13 @@ def encode_examples(examples: list[Example], template: Template, tokenizer: Any,
     """Encode many; return the kept ones and a warning for each dropped or cut example."""
     kept, warnings = [], []
     specials = [t for t in getattr(tokenizer, "all_special_tokens", []) if len(t) > 1]
-    for ex in examples:
+    encoded = _encode_many(examples, template, tokenizer, max_length, end_token)
+    for ex, enc in zip(examples, encoded, strict=True):
         written = [t for t in specials if t in f"{ex.instruction}{ex.input}{ex.response}"]
         if written:
             warnings.append(f"{ex.source}: holds the model's control token {written[0]!r} as "
                             "text; the response is taught it as plain text, but check that "
                             "you meant it")
-        enc = encode_example(ex, template, tokenizer, max_length, end_token)
         if enc is None:
             warnings.append(f"{ex.source}: dropped, the prompt alone is longer than "
                             f"--max-length {max_length} tokens")
