@@ -50,15 +50,12 @@ def make_scheduler(optimizer: Any, schedule: str, warmup_ratio: float,
     """The learning rate over the run: a warm-up over `warmup_ratio` of the steps, then
     linear decay to zero, constant, cosine decay, or warm-up-stable-decay (constant, then
     a linear decay over the last 20%)."""
-    from transformers import get_scheduler
+    from transformers import get_scheduler, get_wsd_schedule
 
     warmup = math.ceil(warmup_ratio * total_steps)
     if schedule == "wsd":
         decay = max(1, round(0.2 * total_steps))
-        return get_scheduler("warmup_stable_decay", optimizer, num_warmup_steps=warmup,
-                             num_training_steps=total_steps,
-                             scheduler_specific_kwargs={"num_decay_steps": decay,
-                                                        "num_stable_steps":
-                                                            total_steps - warmup - decay})
+        return get_wsd_schedule(optimizer, num_warmup_steps=warmup, num_decay_steps=decay,
+                                num_stable_steps=max(0, total_steps - warmup - decay))
     name = {"linear": "linear", "constant": "constant_with_warmup", "cosine": "cosine"}[schedule]
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)

@@ -10,8 +10,10 @@ from __future__ import annotations
 import random
 import re
 import time
+from dataclasses import replace
 from pathlib import Path
 
+from .budget import choose_budget
 from .devices import pick_device, resolve_precision
 from .errors import InstructlmError
 from .evaluate import EvalResult, EvalSet, Report, evaluate
@@ -106,12 +108,16 @@ def learning_curve(file: str | Path, sizes: str | None = None,
         started = time.perf_counter()
         if n:
             subset = encode_reporting(ordered[:n], template, tokenizer, settings, report)
-            fit(model, subset, [], settings, tokenizer.pad_token_id, device, precision,
-                report, progress)
+            # Each size gets the budget `train` would give a file of that size.
+            budget = choose_budget(len(subset), settings.batch_size, settings.epochs,
+                                   settings.min_steps)
+            fit(model, subset, [], replace(settings, epochs=budget.epochs),
+                tokenizer.pad_token_id, device, precision, report, progress)
         seconds = time.perf_counter() - started
         label = f"{n} examples" if n else "untuned (0)"
         result = evaluate(Answerer(model, tokenizer, template, label), eval_set, decode)
-        result.extra = {"n_train": n, "train_seconds": round(seconds, 1)}
+        result.extra = {"n_train": n, "train_seconds": round(seconds, 1),
+                        "epochs": budget.epochs if n else 0}
         report(f"{label}: {describe_summary(result.summary)} ({seconds:.0f} s training)")
         results.append(result)
     return results
