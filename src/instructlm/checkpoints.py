@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InstructlmError
+from .runs import recover_set_aside, swap_into_place
 
 STATE_FILE = "state.json"
 TENSORS_FILE = "training_state.pt"
@@ -58,16 +59,7 @@ def save(folder: Path, done: int, records: list[dict[str, Any]], step_state: dic
         torch.save({**step_state, "rng_states": rng_states}, partial / TENSORS_FILE)
         state = {**about, "done": done, "records": records}
         (partial / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
-        old = folder.with_name(f"{folder.name}.old-{os.getpid()}")
-        if folder.exists():
-            folder.rename(old)
-        try:
-            partial.rename(folder)
-        except BaseException:
-            if old.exists() and not folder.exists():
-                old.rename(folder)  # the earlier checkpoint stays
-            raise
-        shutil.rmtree(old, ignore_errors=True)
+        swap_into_place(partial, folder, folder.with_name(f"{folder.name}.old-{os.getpid()}"))
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
         shutil.rmtree(partial, ignore_errors=True)
         full = getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err) \
@@ -120,7 +112,5 @@ def remove(folder: Path) -> None:
 def tidy(folder: Path) -> None:
     """Remove what killed checkpoint writes left beside `folder` (half-written copies), and
     put back a checkpoint moved aside by one that was killed mid-swap."""
-    from .runs import recover_set_aside
-
     if folder.parent.is_dir():
         recover_set_aside(folder, hidden=False, complete=STATE_FILE)

@@ -98,20 +98,25 @@ def staged_run(output: Path, force: bool) -> Iterator[Path]:
         staging.mkdir()
         yield staging
         check_output(output, force)  # something may have appeared while we trained
-        old = output.with_name(f".{output.name}.old-{os.getpid()}")
-        if output.exists():
-            output.rename(old)
-        try:
-            staging.rename(output)
-        except BaseException:
-            if old.exists() and not output.exists():
-                old.rename(output)  # the earlier run, back under its own name
-            raise
-        shutil.rmtree(old, ignore_errors=True)
+        swap_into_place(staging, output, output.with_name(f".{output.name}.old-{os.getpid()}"))
     except OSError as err:
         raise disk_error(err, output) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def swap_into_place(new: Path, target: Path, aside: Path) -> None:
+    """Make the folder `new` the folder `target`; what was at `target` is moved to `aside`
+    meanwhile, put back if `new` cannot take its place, and removed once it has."""
+    if target.exists():
+        target.rename(aside)
+    try:
+        new.rename(target)
+    except BaseException:
+        if aside.exists() and not target.exists():
+            aside.rename(target)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def disk_error(err: OSError, output: Path) -> Exception:
