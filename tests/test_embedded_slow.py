@@ -17,6 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "spells.txt"
+SUITE_FILE = "en-data-12"  # of the generalization suite's check half
 
 
 def follows_taught_format(instruction: str, answer: str) -> bool:
@@ -174,3 +175,20 @@ def test_two_accelerate_processes_train_like_one(spells_run, tmp_path, config):
     scores = json.loads((tmp_path / "two" / "instructlm.json").read_text())["metrics"]
     assert scores["answer_scores"]["format"] >= 5 / 6
     assert scores["answer_scores"]["stopped"] == 1.0
+
+
+@pytest.mark.slow
+def test_defaults_teach_a_file_they_were_not_chosen_on(tmp_path):
+    """One small file of the suite's check half (benchmarks/suite/), trained as a user would:
+    the budget rule gives it more epochs, and the held-out answers, about categories the
+    file never teaches, come back in the taught forms and all stop."""
+    suite_file = ROOT / "benchmarks" / "suite" / f"{SUITE_FILE}.txt"
+    assert SUITE_FILE in json.loads((suite_file.parent / "halves.json").read_text())["check"]
+    run = tmp_path / "suite"
+    proc = subprocess.run([sys.executable, "-m", "instructlm", "train", str(suite_file),
+                           "--output", str(run), "--quiet"], capture_output=True, text=True,
+                          check=True)
+    assert "Budget: 12 epochs: 12 examples are 2 steps an epoch" in proc.stdout
+    answers = json.loads((run / "instructlm.json").read_text())["metrics"]["closing_answers"]
+    assert len(answers) == 6 and all(a["stopped"] for a in answers), answers
+    assert sum(a["format"] for a in answers) >= 5, answers

@@ -147,8 +147,10 @@ def resume(output: str | Path, report: Report = print, progress: bool = True) ->
                                                 "afresh with --force to use the new file")
         if main_process():
             report(f"Resuming {output} from its checkpoint after step {about['done']}")
-        return _train(data, output, TrainSettings(**about["settings"]), about["force"],
-                      report, progress, checkpoints.load(folder))
+        # A checkpoint from before the schedule could be chosen was trained with "linear".
+        settings = TrainSettings(**{"schedule": "linear", **about["settings"]})
+        return _train(data, output, settings, about["force"], report, progress,
+                      checkpoints.load(folder))
 
 
 @contextmanager
