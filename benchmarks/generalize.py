@@ -75,6 +75,7 @@ def run_file(name: str, seed: int, flags: list[str], tmp: Path, show: bool) -> d
           f"({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
     return {"file": name, "seed": seed, "n_train": info["data"]["n_train"],
             "epochs": settings["epochs"], "steps": metrics.get("steps"),
+            "precision": settings["precision_used"],
             "n": len(answers), "format": sum(a["format"] for a in answers),
             "stopped": sum(a["stopped"] for a in answers),
             "exact": sum(a["exact"] for a in answers),
@@ -94,6 +95,8 @@ def total(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def table(half: str, rows: list[dict[str, Any]]) -> str:
     lines = [f"\n{half} half", "| file | seed | train lines | epochs | steps | format | stopped "
              "| exact | chrF | train s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    precisions = sorted({r["precision"] for r in rows})
+    lines[0] += f" (trained in {', '.join(precisions)})"
     for r in rows:
         lines.append(f"| {r['file']} | {r['seed']} | {r['n_train']} | {r['epochs']} | "
                      f"{r['steps']} | {r['format']}/{r['n']} | {r['stopped']}/{r['n']} | "

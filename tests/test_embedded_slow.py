@@ -149,7 +149,16 @@ def test_two_accelerate_processes_train_like_one(spells_run, tmp_path, config):
     """`accelerate launch` with two CPU processes (DDP, or FSDP) on the real file and model
     ends where the one-process run does."""
     info = json.loads((spells_run / "instructlm.json").read_text())
-    precision = info["settings"]["precision_used"]  # the same arithmetic as the plain run
+    reference = spells_run
+    if info["settings"]["precision_used"] != "fp32":
+        # In bf16, summing in another order drifts apart over the steps (at the peak rate
+        # that warm-up-stable-decay holds, 0.06 against 0.14 by step 17 in one run): compare
+        # in fp32, where two processes must match one closely.
+        reference = tmp_path / "one"
+        subprocess.run([sys.executable, "-m", "instructlm", "train", str(EXAMPLE), "--output",
+                        str(reference), "--precision", "fp32", "--quiet"], check=True,
+                       cwd=tmp_path)
+    precision = "fp32"
     accelerate = Path(sys.executable).with_name("accelerate")
     proc = subprocess.run(
         [str(accelerate), "launch", "--config_file",
@@ -165,13 +174,13 @@ def test_two_accelerate_processes_train_like_one(spells_run, tmp_path, config):
         lines = (run / "losses.jsonl").read_text().splitlines()
         return [r[key] for r in map(json.loads, lines) if key in r]
 
-    tolerance = 1e-3 if precision == "fp32" else 2e-2
+    tolerance = 1e-3
     # Late step losses are small (~0.07) and their rounding noise is not: summing in another
     # order (other thread counts, other row shapes) moved one by 3.4e-4 in a run of the suite.
-    assert losses(tmp_path / "two", "loss") == pytest.approx(losses(spells_run, "loss"),
+    assert losses(tmp_path / "two", "loss") == pytest.approx(losses(reference, "loss"),
                                                               rel=tolerance, abs=tolerance)
     assert losses(tmp_path / "two", "eval_loss") == pytest.approx(
-        losses(spells_run, "eval_loss"), rel=tolerance)
+        losses(reference, "eval_loss"), rel=tolerance)
     scores = json.loads((tmp_path / "two" / "instructlm.json").read_text())["metrics"]
     assert scores["answer_scores"]["format"] >= 5 / 6
     assert scores["answer_scores"]["stopped"] == 1.0
