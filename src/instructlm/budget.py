@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 DEFAULT_EPOCHS = 4
-MIN_STEPS = 24  # optimizer steps at least, whatever the file's size
+MIN_STEPS = 30  # optimizer steps at least, whatever the file's size
 SCHEDULES = ("linear", "constant", "cosine", "wsd")
 DEFAULT_SCHEDULE = "wsd"
 
