@@ -38,8 +38,8 @@ def choose_budget(n_examples: int, batch_size: int, epochs: int | None,
         return Budget(epochs, per_epoch * epochs, f"{epochs} epochs as asked")
     chosen = max(DEFAULT_EPOCHS, math.ceil(min_steps / per_epoch))
     if chosen == DEFAULT_EPOCHS:
-        why = (f"{DEFAULT_EPOCHS} epochs: {per_epoch} steps an epoch reach the minimum of "
-               f"{min_steps} steps")
+        why = (f"{DEFAULT_EPOCHS} epochs, {per_epoch * DEFAULT_EPOCHS} steps (at least "
+               f"{min_steps})")
     else:
         why = (f"{chosen} epochs: {n_examples} examples are {per_epoch} step"
                f"{'s' if per_epoch > 1 else ''} an epoch, and a run takes at least "
