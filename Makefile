@@ -36,7 +36,7 @@ test-fast: install
 bench: install
 	$(BIN)/python benchmarks/bench.py $(FILE)
 
-# Do the defaults teach instruction files they were not chosen on? (~30 minutes; not part
+# Do the defaults teach instruction files they were not chosen on? (~10 minutes; not part
 # of test.) FLAGS go to `instructlm train`, to compare: make generalize FLAGS="--lr 2e-5"
 generalize: install
 	$(BIN)/python benchmarks/generalize.py $(if $(FLAGS),-- $(FLAGS))
