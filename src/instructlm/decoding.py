@@ -89,7 +89,9 @@ def _decode(model: Any, ids: Any, mask: Any, max_new_tokens: int, end_ids: list[
         for row, t in zip(rows.tolist(), token.tolist(), strict=True):
             answers[row].append(t)
             told.append(bool(on_token and on_token(row, t)))
-        going = ~torch.isin(token, ends) & ~torch.tensor(told, device=token.device)
+        going = ~torch.isin(token, ends)
+        if any(told):  # (no tensor built on the steps where no caller ended a row)
+            going &= ~torch.tensor(told, device=token.device)
         if not going.any() or step == max_new_tokens or (should_stop and should_stop()):
             break
         for row in rows[~going].tolist():
