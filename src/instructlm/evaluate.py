@@ -10,7 +10,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .devices import resolve_precision
 from .encode import encode_examples
 from .errors import InstructlmError
 from .formats import Example, read_instruction_file
@@ -98,7 +97,10 @@ def evaluate(answerer: Answerer, eval_set: EvalSet, decode: DecodeSettings = Dec
 
 
 def answer_loss(answerer: Answerer, examples: list[Example], batch_size: int = 8) -> float | None:
-    """Mean loss per token of the expected answers: how surprised the model is by them."""
+    """Mean loss per token of the expected answers: how surprised the model is by them.
+
+    Computed in the model's own dtype (fp32 unless loaded otherwise), never by a speed probe:
+    the number must not change with the machine."""
     tok = answerer.tokenizer
     encoded, _ = encode_examples(examples, answerer.template, tok,
                                  min(tok.model_max_length, 4096))
@@ -106,7 +108,7 @@ def answer_loss(answerer: Answerer, examples: list[Example], batch_size: int = 8
         return None
     device = str(answerer.model.device.type)
     return round(mean_loss(answerer.model, encoded, batch_size, tok.pad_token_id, device,
-                           resolve_precision("auto", device)), 5)
+                           "fp32"), 5)
 
 
 # --- compare --------------------------------------------------------------------------------
