@@ -99,9 +99,9 @@ def default_recipe(file: str, output: str, base: str, epochs: int) -> dict[str, 
 def _quality(model: Any, tokenizer: Any, template: Any, data: Any,
              end_token: bool) -> dict[str, Any]:
     """Eval loss as trained (with or without end token) and the held-out answers' scores."""
+    from instructlm.answerer import Answerer
     from instructlm.encode import encode_examples
     from instructlm.evaluate import EvalSet, evaluate
-    from instructlm.generate import Answerer
     from instructlm.loss import mean_loss
 
     held_out = data.eval or data.train
@@ -128,8 +128,8 @@ def run_child(recipe: str, file: str, output: str, base: str, epochs: int) -> di
 
 def generation_speed(run: str, file: str, n: int = N_GEN) -> dict[str, Any]:
     """Greedy answers to `n` instructions, one at a time and in batches: time and agreement."""
+    from instructlm.answerer import DecodeSettings, load_answerer
     from instructlm.formats import read_instruction_file
-    from instructlm.generate import DecodeSettings, load_answerer
 
     data = read_instruction_file(file)
     pool = [ex.instruction for ex in data.eval + data.train]

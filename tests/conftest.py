@@ -58,7 +58,7 @@ def running_server(app: Any) -> Iterator[str]:
     """Serve an ASGI app with uvicorn on a free local port, in a thread; yield its URL."""
     import uvicorn
 
-    from instructlm.serve import listen
+    from instructlm.serve.app import listen
 
     sock = listen("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
@@ -146,7 +146,7 @@ def tiny_run(tmp_path_factory, tiny_base) -> Path:
 @pytest.fixture(scope="session")
 def tiny_models(tiny_run) -> dict[str, Any]:
     """The tiny run and its untuned base, as `serve --compare-base` serves them."""
-    from instructlm.generate import load_answerer, load_untuned_base
+    from instructlm.answerer import load_answerer, load_untuned_base
 
     return {"facts": load_answerer(str(tiny_run)), "facts:base": load_untuned_base(str(tiny_run))}
 

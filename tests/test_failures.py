@@ -11,19 +11,18 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import TINY_FILE, tiny_settings
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from instructlm import checkpoints
+from instructlm.answerer import load_answerer
 from instructlm.encode import encode_examples
 from instructlm.errors import InstructionFileError, InstructlmError
 from instructlm.formats import Example, read_instruction_file
-from instructlm.generate import load_answerer
 from instructlm.runs import output_lock
 from instructlm.templates import choose_template
 from instructlm.train import train
-
-from conftest import TINY_FILE, tiny_settings
 
 
 def quiet(message: str) -> None:

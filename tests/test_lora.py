@@ -7,20 +7,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_FILE, tiny_settings
 from safetensors.torch import load_file
 
 from instructlm.adapters import LoraSettings, add_lora, merge
+from instructlm.answerer import load_answerer
 from instructlm.cli import main
 from instructlm.encode import collate, encode_example
 from instructlm.errors import InstructlmError
 from instructlm.formats import Example
-from instructlm.generate import load_answerer
 from instructlm.optimize import TrainStep
 from instructlm.runs import RUN_FILE
 from instructlm.templates import NAMED_TEMPLATES
 from instructlm.train import train
-
-from conftest import TINY_FILE, tiny_settings
 
 QUESTIONS = ["Say hello.", "Name three fruits.", "Tell me a spell."]
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors"}

@@ -15,12 +15,12 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
-
-from instructlm.cli import main
-from instructlm.generate import Answerer
-from instructlm.serve import ServeSettings, create_app, listen
-
 from conftest import post, running_server
+
+from instructlm.answerer import Answerer
+from instructlm.cli import main
+from instructlm.serve.app import create_app, listen
+from instructlm.serve.settings import ServeSettings
 
 openai = pytest.importorskip("openai")
 from openai.types import Completion  # noqa: E402
@@ -281,7 +281,7 @@ class EndlessAnswerer(Answerer):
         self.stopped = threading.Event()
 
     def answer_streaming(self, item, decode, on_text, should_stop=None):
-        from instructlm.generate import Answer
+        from instructlm.answerer import Answer
 
         for n in range(100_000):
             if should_stop():

@@ -11,12 +11,12 @@ import time
 from urllib.parse import urlparse
 
 import pytest
-
-from instructlm import openai_api as api
-from instructlm.generate import Answer, Answerer
-from instructlm.serve import ServeSettings, create_app
-
 from conftest import post, running_server
+
+from instructlm.answerer import Answer, Answerer
+from instructlm.serve import schema as api
+from instructlm.serve.app import create_app
+from instructlm.serve.settings import ServeSettings
 
 SETTINGS = ServeSettings(max_tokens=24, max_prompt_tokens=200, body_timeout_s=0.5)
 

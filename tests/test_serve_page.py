@@ -8,10 +8,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from instructlm.serve import ServeSettings, create_app
-
 from conftest import running_server
+
+from instructlm.serve.app import create_app
+from instructlm.serve.settings import ServeSettings
 
 sync_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser",

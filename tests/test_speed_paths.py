@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_tiny_model
 
 from instructlm import devices
 from instructlm import loss as loss_module
@@ -16,8 +17,6 @@ from instructlm.formats import Example
 from instructlm.loss import batch_loss, shared_prefix_length
 from instructlm.optimize import TrainStep, clip_gradients
 from instructlm.templates import parse_template
-
-from conftest import make_tiny_model
 
 EXAMPLES = [Example("Name three fruits.", "Apple, banana, cherry"), Example("Hi", "Hello!"),
             Example("Tell me a spell about three cities.", "Hocus A, Esotericus B, Alohomora!"),
@@ -211,7 +210,7 @@ def _left_padded(tokenizer, texts):
 
 def _decoded(model, ids, mask, *args, **kwargs) -> list[list[int]]:
     """Every row's new tokens, in row order."""
-    from instructlm.decoding import answers_as_they_end
+    from instructlm.decode_loop import answers_as_they_end
 
     answers = dict(answers_as_they_end(model, ids, mask, *args, **kwargs))
     assert sorted(answers) == list(range(ids.shape[0]))
@@ -230,7 +229,7 @@ def test_dropping_finished_answers_gives_generates_greedy_answers(tiny_tokenizer
     """Same answers as `generate`, also when the prompts share an opening (run once)."""
     from transformers import GenerationConfig
 
-    from instructlm.decoding import _shared_prefix_first, answers_as_they_end
+    from instructlm.decode_loop import _shared_prefix_first, answers_as_they_end
 
     model = make_tiny_model(tiny_tokenizer).eval()
     ids, mask = _left_padded(tiny_tokenizer, [
@@ -263,8 +262,8 @@ def test_dropping_finished_answers_gives_generates_greedy_answers(tiny_tokenizer
 
 def test_answers_come_in_input_order_as_soon_as_those_before_have_ended(tiny_tokenizer,
                                                                         monkeypatch):
-    from instructlm import generate
-    from instructlm.generate import Answerer
+    from instructlm import answerer as answerer_module
+    from instructlm.answerer import Answerer
 
     events = []
 
@@ -273,7 +272,7 @@ def test_answers_come_in_input_order_as_soon_as_those_before_have_ended(tiny_tok
             events.append(f"ended {row}")
             yield row, [5 + row]
 
-    monkeypatch.setattr(generate, "answers_as_they_end", ends_in_this_order)
+    monkeypatch.setattr(answerer_module, "answers_as_they_end", ends_in_this_order)
     answerer = Answerer(make_tiny_model(tiny_tokenizer), tiny_tokenizer,
                         parse_template("seed-en"), "tiny")
     for answer in answerer.answer(["a", "b", "c", "d"]):
@@ -375,7 +374,7 @@ def test_lookup_decoding_keeps_the_greedy_answer(tiny_tokenizer):
 
 
 def test_look_up_proposes_what_followed_the_last_tokens_before():
-    from instructlm.decoding import _look_up
+    from instructlm.decode_loop import _look_up
 
     assert _look_up([5, 6, 7, 8, 5, 6], 2) == [7, 8]  # after "5 6" came "7 8"
     assert _look_up([1, 2, 9, 1, 3, 9], 3) == [1, 3, 9]  # the latest "9": "1 3", then on
@@ -387,7 +386,7 @@ def test_look_up_proposes_what_followed_the_last_tokens_before():
 def test_streamed_text_adds_up_to_the_answer_and_stops_when_asked(tiny_tokenizer):
     """Streaming goes through the same decoding (prompt lookup included): the same text
     and tokens as the whole answer, and it ends early once asked to."""
-    from instructlm.generate import Answerer, DecodeSettings
+    from instructlm.answerer import Answerer, DecodeSettings
 
     answerer = Answerer(make_tiny_model(tiny_tokenizer), tiny_tokenizer,
                         parse_template("seed-en"), "tiny")

@@ -9,7 +9,7 @@ from instructlm.textcut import TextCutter
 
 
 def whole(text: str, stops: tuple[str, ...]) -> str:
-    """How a non-streamed answer is cut (generate.Answerer._finish)."""
+    """How a non-streamed answer is cut (answerer.Answerer._finish)."""
     cuts = [text.find(s) for s in stops if s and s in text]
     return (text[:min(cuts)] if cuts else text).strip()
 

@@ -6,13 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import TINY_FILE, tiny_settings
 
+from instructlm.answerer import DecodeSettings, load_answerer
 from instructlm.errors import InstructlmError
-from instructlm.generate import DecodeSettings, load_answerer
 from instructlm.runs import RUN_FILE
 from instructlm.train import train
-
-from conftest import TINY_FILE, tiny_settings
 
 RUN_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
              "tokenizer_config.json", "chat_template.jinja", RUN_FILE, "losses.jsonl",

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Callable
 
-from .generate import BATCH_SIZE
+from .answerer import BATCH_SIZE, DecodeSettings
+from .serve.settings import ServeSettings
 
 EPILOG = "Run 'instructlm COMMAND --help' for the options of a command."
 API_KEY_ENV = "INSTRUCTLM_API_KEY"  # a key in the environment, not in `ps` output
@@ -60,17 +61,25 @@ def _add_training(p: argparse.ArgumentParser) -> None:
                                              "attention and MLP layers of the architecture)")
 
 
+def _add_max_new_tokens(p: argparse.ArgumentParser) -> None:
+    d = DecodeSettings()
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
+                   help=f"longest answer in tokens (default {d.max_new_tokens})")
+
+
 def _add_decoding(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--beams", type=int, default=1, help="beam search with N beams "
-                                                         "(default 1: greedy)")
+    d = DecodeSettings()
+    p.add_argument("--beams", type=int, default=d.beams,
+                   help=f"beam search with N beams (default {d.beams}: greedy)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=0.7, help="with --sample (default 0.7)")
-    p.add_argument("--top-p", type=float, default=0.95, help="with --sample (default 0.95)")
-    p.add_argument("--seed", type=int, default=0, help="with --sample (default 0)")
-    p.add_argument("--no-repeat-ngram", type=int, default=0,
-                   help="forbid repeating any N-gram (default 0: off)")
-    p.add_argument("--max-new-tokens", type=int, default=200,
-                   help="longest answer in tokens (default 200)")
+    p.add_argument("--temperature", type=float, default=d.temperature,
+                   help=f"with --sample (default {d.temperature:g})")
+    p.add_argument("--top-p", type=float, default=d.top_p,
+                   help=f"with --sample (default {d.top_p:g})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"with --sample (default {d.seed})")
+    p.add_argument("--no-repeat-ngram", type=int, default=d.no_repeat_ngram,
+                   help=f"forbid repeating any N-gram (default {d.no_repeat_ngram}: off)")
+    _add_max_new_tokens(p)
     p.add_argument("--stop", action="append", metavar="TEXT",
                    help="end the answer where TEXT appears (repeatable)")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE,
@@ -143,8 +152,7 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]
                                   "own eval part)")
     p.add_argument("--decode", default="greedy", help="decodings to try, comma-separated: "
                    "greedy, beamsN, sampleT (temperature T) (default: greedy)")
-    p.add_argument("--max-new-tokens", type=int, default=200,
-                   help="longest answer in tokens (default 200)")
+    _add_max_new_tokens(p)
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE,
                    help=f"instructions decoded together (default {BATCH_SIZE})")
     p.add_argument("--json", action="store_true", help="print a JSON list of results")
@@ -157,8 +165,7 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]
                                    "untuned model (default: 0,4,8,16,... and all)")
     p.add_argument("--output", "-o", help="folder for curve.png, report.html and curve.json "
                                           "(default: runs/<file name>-curve)")
-    p.add_argument("--max-new-tokens", type=int, default=200,
-                   help="longest answer in tokens (default 200)")
+    _add_max_new_tokens(p)
     p.add_argument("--json", action="store_true", help="print the points as JSON")
     _add_training(p)
 
@@ -168,6 +175,7 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]
     p.add_argument("--force", action="store_true", help="replace an existing run there")
 
     p = add("serve")
+    served = ServeSettings()
     p.add_argument("run", help="a trained run folder (or a base model, untuned)")
     p.add_argument("--compare-base", action="store_true",
                    help="also serve the run's untuned base model, shown beside it on the page")
@@ -176,10 +184,12 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free)")
     p.add_argument("--api-key", help=f"require this key as 'Authorization: Bearer KEY' "
                                      f"(default: ${API_KEY_ENV}, else none)")
-    p.add_argument("--max-tokens", type=int, default=256,
-                   help="most new tokens of one answer, and the default (default 256)")
-    p.add_argument("--max-prompt-tokens", type=int, default=2048,
-                   help="longest prompt accepted, in tokens (default 2048)")
+    p.add_argument("--max-tokens", type=int, default=served.max_tokens,
+                   help=f"most new tokens of one answer, and the default (default "
+                        f"{served.max_tokens})")
+    p.add_argument("--max-prompt-tokens", type=int, default=served.max_prompt_tokens,
+                   help=f"longest prompt accepted, in tokens (default "
+                        f"{served.max_prompt_tokens})")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow a hub model to run its own Python code")
     _add_device(p)

@@ -13,7 +13,6 @@ from .arguments import API_KEY_ENV, build_parser
 from .base import quiet_libraries
 from .errors import InstructlmError
 
-
 # --- train ----------------------------------------------------------------------------------
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -58,7 +57,7 @@ def _train_settings(args: argparse.Namespace) -> Any:
 
 def cmd_ask(args: argparse.Namespace) -> int:
     """Answer instructions with a trained run or an untuned base model."""
-    from .generate import load_answerer
+    from .answerer import load_answerer
 
     quiet_libraries()
     decode = _decode_settings(args)
@@ -120,7 +119,7 @@ def _prompt_lines() -> Iterator[str]:
 
 
 def _decode_settings(args: argparse.Namespace) -> Any:
-    from .generate import DecodeSettings
+    from .answerer import DecodeSettings
 
     decode = DecodeSettings(
         max_new_tokens=args.max_new_tokens, beams=args.beams, sample=args.sample,
@@ -140,8 +139,8 @@ def _decode_label(args: argparse.Namespace) -> str:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Score a run's answers to held-out instructions (its own, or those in FILE)."""
+    from .answerer import load_answerer
     from .evaluate import eval_set_for, evaluate
-    from .generate import load_answerer
     from .report import eval_table, results_page, write_text
     from .scores import describe_summary
 
@@ -191,8 +190,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_curve(args: argparse.Namespace) -> int:
     """Train on growing parts of FILE and plot how the held-out scores grow."""
+    from .answerer import DecodeSettings
     from .curve import learning_curve
-    from .generate import DecodeSettings
     from .report import compare_table, plot_curve, results_page, write_text
 
     quiet_libraries()
@@ -263,7 +262,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Serve a run over OpenAI's HTTP API, with a web page to try it in a browser."""
     import os
 
-    from .serve import ServeSettings, serve
+    from .serve.app import serve
+    from .serve.settings import ServeSettings
 
     quiet_libraries()
     key = args.api_key or os.environ.get(API_KEY_ENV) or None

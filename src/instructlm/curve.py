@@ -13,12 +13,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from .answerer import Answerer, DecodeSettings
 from .budget import choose_budget
 from .devices import pick_device, resolve_precision
 from .errors import InstructlmError
 from .evaluate import EvalResult, EvalSet, Report, evaluate
 from .formats import EVAL_MARKER, Example, read_instruction_file
-from .generate import Answerer, DecodeSettings
 from .scores import describe_summary
 from .train import (
     TrainSettings,

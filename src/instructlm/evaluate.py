@@ -10,10 +10,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from .answerer import BATCH_SIZE, Answerer, DecodeSettings, load_answerer
 from .encode import encode_examples
 from .errors import InstructlmError
 from .formats import Example, read_instruction_file
-from .generate import BATCH_SIZE, Answerer, DecodeSettings, load_answerer
 from .loss import mean_loss
 from .runs import is_run, read_run_examples, read_run_info
 from .scores import FormatJudge, score_answer, summarize

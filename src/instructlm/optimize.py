@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .errors import InstructlmError
 from .budget import make_scheduler
+from .errors import InstructlmError
 from .loss import batch_loss
 
 

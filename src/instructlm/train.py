@@ -16,8 +16,9 @@ from typing import Any, Callable, Iterator
 
 from . import __version__, checkpoints
 from .adapters import LoraSettings, adapter_summary, add_lora
-from .budget import DEFAULT_SCHEDULE, MIN_STEPS, SCHEDULES, choose_budget
+from .answerer import Answerer
 from .base import EMBEDDED, EMBEDDED_NAME, load_model, load_tokenizer, resolve_base
+from .budget import DEFAULT_SCHEDULE, MIN_STEPS, SCHEDULES, choose_budget
 from .devices import PRECISIONS, pick_device, resolve_precision
 from .distributed import (
     Shard,
@@ -32,7 +33,6 @@ from .encode import EncodedExample, collate, encode_examples
 from .errors import InstructlmError
 from .evaluate import EvalResult, EvalSet, Report, evaluate
 from .formats import Example, InstructionSet, read_instruction_file
-from .generate import Answerer
 from .loss import mean_loss
 from .optimize import TrainStep
 from .runs import (

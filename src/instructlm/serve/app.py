@@ -1,7 +1,7 @@
 """`instructlm serve`: a run behind OpenAI's HTTP API, and a web page to try it in a browser.
 
 This module is the HTTP side: routes, the API key, errors in OpenAI's shape, server-sent
-events and the page. What is asked of the models, and how, is in answering.py.
+events and the page. What is asked of the models, and how, is in planner.py.
 """
 
 from __future__ import annotations
@@ -23,22 +23,15 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from . import __version__
-from . import openai_api as api
-from .answering import Models, Plan, chat_example, completion_examples
+from .. import __version__
+from ..answerer import Answer, Answerer
+from ..errors import InstructlmError
+from ..formats import Example
+from . import schema as api
 from .body_limit import BodyLimit
-from .errors import InstructlmError
-from .formats import Example
-from .generate import Answer, Answerer
-from .openai_api import ApiError
-
-
-@dataclass(frozen=True)
-class ServeSettings:
-    max_tokens: int = 256  # the most new tokens of one answer, and the default
-    max_prompt_tokens: int = 2048
-    api_key: str | None = None
-    body_timeout_s: float = api.BODY_TIMEOUT_S  # to send a request's body
+from .planner import Models, Plan, chat_example, completion_examples
+from .schema import ApiError
+from .settings import ServeSettings
 
 
 def error_response(status: int, message: str, kind: str = "invalid_request_error",
@@ -286,7 +279,7 @@ def _playground_page(served: Models, settings: ServeSettings) -> str:
     config = {"models": [{"id": name, "label": a.name} for name, a in served.models.items()],
               "needs_key": settings.api_key is not None,
               "max_tokens": settings.max_tokens}
-    page = resources.files("instructlm").joinpath("playground.html").read_text("utf-8")
+    page = resources.files(__package__).joinpath("playground.html").read_text("utf-8")
     # '<' escaped so that no text in the config can close the script element.
     return page.replace("{{CONFIG}}", json.dumps(config).replace("<", "\\u003c"))
 
@@ -297,14 +290,13 @@ def serve(spec: str, settings: ServeSettings, host: str = "127.0.0.1", port: int
           compare_base: bool = False, trust_remote_code: bool = False,
           report: Callable[[str], None] = print, device: str = "auto") -> None:
     """Load the run (and with `compare_base` its untuned base) and serve until interrupted."""
-    from .generate import load_answerer, load_untuned_base
-    from .runs import is_run
+    from ..answerer import load_answerer, load_untuned_base
+    from ..runs import is_run
 
     if compare_base and not is_run(spec):
         raise InstructlmError(f"{spec} is not a trained run: --compare-base shows a run "
                               "beside its untuned base model")
-    if settings.max_tokens < 1 or settings.max_prompt_tokens < 1:
-        raise InstructlmError("--max-tokens and --max-prompt-tokens must be at least 1")
+    settings.check()
     sock = listen(host, port)  # before the models load, so that a busy port fails at once
     tuned = load_answerer(spec, None, trust_remote_code, device)
     models = {tuned.name: tuned}

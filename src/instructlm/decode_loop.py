@@ -59,8 +59,12 @@ def _decode(model: Any, ids: Any, mask: Any, max_new_tokens: int, end_ids: list[
             on_token: Callable[[int, int], bool | None] | None,
             should_stop: Callable[[], bool] | None) -> Iterator[tuple[int, list[int]]]:
     import torch
-    from transformers import (DynamicCache, LogitsProcessorList, TemperatureLogitsWarper,
-                              TopPLogitsWarper)
+    from transformers import (
+        DynamicCache,
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     warpers = LogitsProcessorList(
         [TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p)] if sample else [])

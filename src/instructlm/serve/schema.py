@@ -15,7 +15,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 # What one request may ask for, all in one place (the README's "Limits" lists them). Each
 # bounds the memory or the time a single request can take from everyone else.
 MAX_BODY_BYTES = 1 << 20  # a request body (JSON), checked before it is parsed: else 413
-BODY_TIMEOUT_S = 15.0  # to send the whole body: else 408
+# (The time to send a body, else 408, is a server setting: settings.BODY_TIMEOUT_S.)
 MAX_CHOICES = 8  # `n`: answers per prompt
 MAX_PROMPTS = 8  # prompts in one completions request
 MAX_STOPS = 4  # stop texts, OpenAI's own limit

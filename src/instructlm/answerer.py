@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from .adapters import is_adapter_run, load_merged
 from .base import EMBEDDED, load_model, load_tokenizer, resolve_base
-from .decoding import answers_as_they_end, can_drop_finished
+from .decode_loop import answers_as_they_end, can_drop_finished
 from .devices import pick_device
 from .encode import encode_prompt
 from .errors import InstructlmError

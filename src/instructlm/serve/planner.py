@@ -14,12 +14,12 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, AsyncIterator, Callable
 
-from . import openai_api as api
-from .errors import InstructlmError
-from .formats import Example
-from .generate import MIN_TEMPERATURE, Answer, Answerer, DecodeSettings
-from .openai_api import ApiError
-from .textcut import TextCutter
+from ..answerer import MIN_TEMPERATURE, Answer, Answerer, DecodeSettings
+from ..errors import InstructlmError
+from ..formats import Example
+from ..textcut import TextCutter
+from . import schema as api
+from .schema import ApiError
 
 
 @dataclass(frozen=True)
