@@ -15,21 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from .architectures import architecture
 from .errors import InstructlmError
 
 ADAPTER_CONFIG = "adapter_config.json"
-
-# The linear layers that get adapters, per architecture: attention and MLP, as LoRA's and
-# QLoRA's papers found best; other architectures get every linear layer but the output layer.
-_LLAMA = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_NEOX = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
-DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
-    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA,
-    "bloom": _NEOX, "gpt_neox": _NEOX,
-    "gpt2": ("c_attn", "c_proj", "c_fc"),
-    "phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
-}
-CONV1D_MODELS = {"gpt2"}  # weights stored transposed (fan_in x fan_out)
 
 
 @dataclass(frozen=True)
@@ -43,7 +32,7 @@ class LoraSettings:
 def target_modules(model: Any, targets: str) -> list[str] | str:
     if targets != "auto":
         return [t.strip() for t in targets.split(",") if t.strip()]
-    return list(DEFAULT_TARGETS.get(model.config.model_type, ())) or "all-linear"
+    return list(architecture(model).lora_targets) or "all-linear"
 
 
 def add_lora(model: Any, settings: LoraSettings) -> Any:
@@ -53,7 +42,7 @@ def add_lora(model: Any, settings: LoraSettings) -> Any:
     config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha,
                         lora_dropout=settings.dropout, task_type="CAUSAL_LM",
                         target_modules=target_modules(model, settings.targets),
-                        fan_in_fan_out=model.config.model_type in CONV1D_MODELS)
+                        fan_in_fan_out=architecture(model).conv1d)
     try:
         with _quiet():
             return get_peft_model(model, config)

