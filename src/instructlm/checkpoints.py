@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import InstructlmError
-from .runs import recover_set_aside, swap_into_place
+from .folders import recover_set_aside, written_beside
 
 STATE_FILE = "state.json"
 TENSORS_FILE = "training_state.pt"
@@ -52,16 +51,13 @@ def save(folder: Path, done: int, records: list[dict[str, Any]], step_state: dic
     `rng_states` holds rng_state() of every process, in process order."""
     import torch
 
-    partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
     try:
-        partial.mkdir(parents=True)
-        torch.save({**step_state, "rng_states": rng_states}, partial / TENSORS_FILE)
-        state = {**about, "done": done, "records": records}
-        (partial / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
-        swap_into_place(partial, folder, folder.with_name(f"{folder.name}.old-{os.getpid()}"))
+        with written_beside(folder, hidden=False) as partial:
+            torch.save({**step_state, "rng_states": rng_states}, partial / TENSORS_FILE)
+            state = {**about, "done": done, "records": records}
+            (partial / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n",
+                                              encoding="utf-8")
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
-        shutil.rmtree(partial, ignore_errors=True)
         full = getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err) \
             or "unexpected pos" in str(err)
         raise InstructlmError(

@@ -16,7 +16,6 @@ run never leaves a directory that looks complete, and an earlier run is replaced
 from __future__ import annotations
 
 import errno
-import glob
 import json
 import os
 import shutil
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import InstructlmError
+from .folders import recover_set_aside, written_beside
 from .formats import Example, InstructionSet, read_instruction_file
 from .scores import describe_summary
 
@@ -91,32 +91,12 @@ def staged_run(output: Path, force: bool) -> Iterator[Path]:
     command that saves into the same place.
     """
     check_output(output, force)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.with_name(f".{output.name}.partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
     try:
-        staging.mkdir()
-        yield staging
-        check_output(output, force)  # something may have appeared while we trained
-        swap_into_place(staging, output, output.with_name(f".{output.name}.old-{os.getpid()}"))
+        with written_beside(output, hidden=True) as staging:
+            yield staging
+            check_output(output, force)  # something may have appeared while we trained
     except OSError as err:
         raise disk_error(err, output) from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def swap_into_place(new: Path, target: Path, aside: Path) -> None:
-    """Make the folder `new` the folder `target`; what was at `target` is moved to `aside`
-    meanwhile, put back if `new` cannot take its place, and removed once it has."""
-    if target.exists():
-        target.rename(aside)
-    try:
-        new.rename(target)
-    except BaseException:
-        if aside.exists() and not target.exists():
-            aside.rename(target)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
 
 
 def disk_error(err: OSError, output: Path) -> Exception:
@@ -141,31 +121,6 @@ def check_free_space(place: Path, needed: int, what: str) -> None:
 def recover_hidden(output: Path) -> None:
     """Tidy what killed commands left beside a run: see `recover_set_aside`."""
     recover_set_aside(output, hidden=True, complete=RUN_FILE)
-
-
-def recover_set_aside(target: Path, hidden: bool, complete: str) -> None:
-    """Remove the half-written copies (`NAME.partial-PID`) that killed processes left beside
-    `target`, and put back a folder they had moved aside (`NAME.old-PID`, whole when it holds
-    `complete`) if nothing took its place; `hidden`: the names begin with a dot."""
-    prefix = f"{'.' if hidden else ''}{target.name}."
-    for leftover in target.parent.glob(f"{glob.escape(prefix)}*-*"):
-        kind, _, pid = leftover.name[len(prefix):].rpartition("-")
-        if kind not in ("partial", "old") or not pid.isdigit() or _process_alive(int(pid)):
-            continue
-        if kind == "old" and not target.exists() and (leftover / complete).is_file():
-            leftover.rename(target)
-        else:
-            shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, but someone else's
-        return True
-    return True
 
 
 def write_json(path: Path, data: Any) -> None:
