@@ -57,20 +57,24 @@ def deterministic():
     torch.use_deterministic_algorithms(False)
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+# Checkpoints every 4 steps, stopped as step 7 begins: the checkpoint of step 4, inside the
+# second epoch. Every 3 steps, stopped at step 5: that of step 3, the end of the first epoch,
+# saved before its eval loss, which the resumed run must still compute.
+@pytest.mark.parametrize("lora,every,stop", [(False, 4, 7), (True, 4, 7), (False, 3, 5)],
+                         ids=["full", "lora", "full-at-an-epoch-end"])
 def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, tiny_base, write, monkeypatch,
-                                                    lora, deterministic):
+                                                    lora, every, stop, deterministic):
     data = write("facts.txt", DATA)
-    settings = tiny_settings(tiny_base, epochs=4, save_every=4, lora=lora,
+    settings = tiny_settings(tiny_base, epochs=4, save_every=every, lora=lora,
                              lr=1e-2 if lora else 3e-3)
     whole = train(data, tmp_path / "whole", settings, **QUIET)
 
-    interrupt_at(monkeypatch, 7)  # after the checkpoint of step 4, inside the third epoch
+    interrupt_at(monkeypatch, stop)
     with pytest.raises(KeyboardInterrupt):
         train(data, tmp_path / "cut", settings, **QUIET)
     assert not (tmp_path / "cut").exists()
     folder = checkpoints.checkpoint_dir(tmp_path / "cut")
-    assert checkpoints.read_about(folder)["done"] == 4
+    assert checkpoints.read_about(folder)["done"] == every
     monkeypatch.undo()
 
     resumed = resume(tmp_path / "cut", **QUIET)

@@ -100,7 +100,7 @@ def test_first_ctrl_c_asks_training_to_stop_after_the_step_and_a_second_stops_at
     import os
     import signal
 
-    from instructlm.train import _ctrl_c_between_steps
+    from instructlm.fit import _ctrl_c_between_steps
 
     outside = signal.default_int_handler  # as in a fresh process (other tests may differ)
     original = signal.signal(signal.SIGINT, outside)

@@ -18,12 +18,12 @@ from .budget import choose_budget
 from .devices import pick_device, resolve_precision
 from .errors import InstructlmError
 from .evaluate import EvalResult, EvalSet, Report, evaluate
+from .fit import Trainee, fit
 from .formats import EVAL_MARKER, Example, read_instruction_file
 from .scores import describe_summary
 from .train import (
     TrainSettings,
     encode_reporting,
-    fit,
     load_for_training,
     load_tokenizer_and_template,
 )
@@ -111,8 +111,8 @@ def learning_curve(file: str | Path, sizes: str | None = None,
             # Each size gets the budget `train` would give a file of that size.
             budget = choose_budget(len(subset), settings.batch_size, settings.epochs,
                                    settings.min_steps)
-            fit(model, subset, [], replace(settings, epochs=budget.epochs),
-                tokenizer.pad_token_id, device, precision, report, progress)
+            fit(Trainee(model, subset, [], tokenizer.pad_token_id, device, precision),
+                replace(settings, epochs=budget.epochs), report, progress)
         seconds = time.perf_counter() - started
         label = f"{n} examples" if n else "untuned (0)"
         result = evaluate(Answerer(model, tokenizer, template, label), eval_set, decode)

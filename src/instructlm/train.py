@@ -1,12 +1,12 @@
-"""The training loop: instruction file -> tuned model in a run directory.
+"""`instructlm train`: instruction file -> tuned model in a run directory, in three steps.
 
-A plain PyTorch loop, readable top to bottom: fp32 master weights, bf16 autocast where the
-CPU has fast bf16 matmuls, AdamW, linear warm-up and decay, loss on response tokens only.
+`_prepare` (tokenizer, encoded examples, the budget, device and precision, the model),
+`fit` (the loop, in fit.py), `_save` (the held-out answers, the run written into place).
+`resume` goes on from a checkpoint through the same steps.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -18,10 +18,9 @@ from . import __version__, checkpoints
 from .adapters import LoraSettings, adapter_summary, add_lora
 from .answerer import Answerer
 from .base import EMBEDDED, EMBEDDED_NAME, load_model, load_tokenizer, resolve_base
-from .budget import DEFAULT_SCHEDULE, MIN_STEPS, SCHEDULES, choose_budget
+from .budget import DEFAULT_SCHEDULE, MIN_STEPS, SCHEDULES, Budget, choose_budget
 from .devices import PRECISIONS, pick_device, resolve_precision
 from .distributed import (
-    Shard,
     broadcast_object_list,
     fsdp_plugin,
     gather_objects,
@@ -29,11 +28,11 @@ from .distributed import (
     main_process,
     make_accelerator,
 )
-from .encode import EncodedExample, collate, encode_examples
+from .encode import EncodedExample, encode_examples
 from .errors import InstructlmError
 from .evaluate import EvalResult, EvalSet, Report, evaluate
+from .fit import Trainee, fit
 from .formats import Example, InstructionSet, read_instruction_file
-from .loss import mean_loss
 from .optimize import TrainStep
 from .runs import (
     DATA_FILE,
@@ -163,18 +162,49 @@ def _one_training(output: Path) -> Iterator[None]:
         yield
 
 
+@dataclass
+class Prepared:
+    """A training ready to start: the trainee, and what the saved run will need."""
+
+    trainee: Trainee
+    settings: TrainSettings  # with the epochs the budget chose
+    budget: Budget
+    source: str
+    tokenizer: Any
+    template: Template
+    adapted: Any  # the LoRA-wrapped model, or None
+    lora: dict[str, Any] | None  # what the run records of its adapter
+
+
 def _train(data: InstructionSet, output: Path, settings: TrainSettings, force: bool,
            report: Report, progress: bool,
            resumed: checkpoints.Checkpoint | None = None) -> Path:
     check_output(output, force)  # refuse now, not after minutes of training
     accelerator = make_accelerator() if launched() else None
-    fsdp = fsdp_plugin(accelerator) if accelerator else None
-    main = accelerator is None or accelerator.is_main_process
-    if not main:  # one voice: the main process reports, answers and saves
+    if accelerator and not accelerator.is_main_process:  # one voice: the main process
         report, progress = (lambda message: None), False
+    run = _prepare(data, output, settings, accelerator, report)
+    started = time.perf_counter()
+    saving = _checkpointing(run, output, data, force) if run.settings.save_every else None
+    losses, step = fit(run.trainee, run.settings, report, progress, saving, resumed)
+    seconds = time.perf_counter() - started
+    model, adapted = run.trainee.model, run.adapted
+    if run.trainee.fsdp:  # the sharded weights, whole again in a model of the main process
+        weights = step.full_weights()
+        if run.trainee.main:
+            model, adapted = unsharded(weights, run.source, run.settings,
+                                       run.trainee.device, run.trainee.precision)
+    if run.trainee.main:
+        _save(run, model, adapted, data, output, force, losses, seconds, report)
+    return output
+
+
+def _prepare(data: InstructionSet, output: Path, settings: TrainSettings, accelerator: Any,
+             report: Report) -> Prepared:
+    """Tokenizer, encoded examples, budget, device, precision and the model to train."""
+    fsdp = fsdp_plugin(accelerator) if accelerator else None
     for warning in data.warnings:
         report(f"warning: {warning}")
-
     source, tokenizer, template = load_tokenizer_and_template(settings, data, report)
     train_set = encode_reporting(data.train, template, tokenizer, settings, report)
     eval_set = encode_reporting(data.eval, template, tokenizer, settings, report)
@@ -185,66 +215,72 @@ def _train(data: InstructionSet, output: Path, settings: TrainSettings, force: b
                            settings.min_steps)
     settings = replace(settings, epochs=budget.epochs)  # saved so: a resumed run keeps it
     device = _device_name(accelerator.device) if accelerator else pick_device(settings.device)
-    precision = resolve_precision(settings.precision, device)
-    if accelerator:  # every process must train in the precision the main one chose
-        precision = broadcast_object_list([precision], from_process=0)[0]
-    if fsdp and precision == "fp16":  # (FSDP's loss scaling would need every shard's check)
-        if settings.precision != "fp16":  # auto, on a GPU without bf16
-            precision = "fp32"
-        else:
-            raise InstructlmError("FSDP trains in bf16 or fp32, not fp16",
-                                  hint="pass --precision fp32, or launch with DDP "
-                                       "(distributed_type MULTI_GPU) for fp16")
+    precision = _precision(settings.precision, device, accelerator, fsdp)
     model = load_for_training(source, settings, device, precision)
     adapted = add_lora(model, settings.lora_settings()) if settings.lora else None
     lora = adapter_summary(adapted) if adapted else None
-    what = _describe_lora(lora) if lora else ""
-    if main:
+    trainee = Trainee(model, train_set, eval_set, tokenizer.pad_token_id, device, precision,
+                      accelerator, fsdp)
+    if trainee.main:
         _check_disk(output, adapted or model, settings.save_every > 0)
     processes = ""
     if accelerator:
         n = accelerator.num_processes
         processes = f" in {n} process{'es' if n > 1 else ''}" + (" (FSDP)" if fsdp else "")
+    what = _describe_lora(lora) if lora else ""
     report(f"Training {_base_name(settings.base)}{what} on {len(train_set)} examples "
            f"({len(eval_set)} for evaluation), template {template.name}, {precision} on "
            f"{device}{processes}")
     report(f"Budget: {budget.why}; learning rate {settings.lr:g}, {settings.schedule} "
            "schedule")
+    return Prepared(trainee, settings, budget, source, tokenizer, template, adapted, lora)
 
+
+def _precision(asked: str, device: str, accelerator: Any, fsdp: Any) -> str:
+    """The precision every process trains in: the main process's choice."""
+    precision = resolve_precision(asked, device)
+    if accelerator:
+        precision = broadcast_object_list([precision], from_process=0)[0]
+    if fsdp and precision == "fp16":  # (FSDP's loss scaling would need every shard's check)
+        if asked != "fp16":  # auto, on a GPU without bf16
+            return "fp32"
+        raise InstructlmError("FSDP trains in bf16 or fp32, not fp16",
+                              hint="pass --precision fp32, or launch with DDP "
+                                   "(distributed_type MULTI_GPU) for fp16")
+    return precision
+
+
+def _checkpointing(run: Prepared, output: Path, data: InstructionSet,
+                   force: bool) -> Callable[[int, list[dict[str, Any]], TrainStep], None]:
+    """What `fit` calls every `save_every` steps: a checkpoint beside the run."""
     folder = checkpoints.checkpoint_dir(output)
     about = {"file": str(Path(data.path).resolve()), "sha256": data.sha256,
-             "settings": asdict(settings), "force": force}
+             "settings": asdict(run.settings), "force": force}
+    main = run.trainee.main
 
     def save_checkpoint(done: int, records: list[dict[str, Any]], step: TrainStep) -> None:
         # Every process's generators (each draws its own dropout masks); with FSDP every
         # process also helps gather the training state.
-        rngs = gather_objects([checkpoints.rng_state()]) if accelerator \
+        rngs = gather_objects([checkpoints.rng_state()]) if run.trainee.accelerator \
             else [checkpoints.rng_state()]
         state = step.state_dict() if main or step.fsdp else None
         if main:
             checkpoints.save(folder, done, records, state, about, rngs)
 
-    started = time.perf_counter()
-    losses, step = fit(model, train_set, eval_set, settings, tokenizer.pad_token_id, device,
-                       precision, report, progress,
-                       save_checkpoint if settings.save_every else None, resumed,
-                       accelerator, fsdp)
-    seconds = time.perf_counter() - started
-    if fsdp:  # the sharded weights, whole again in a model of the main process
-        weights = step.full_weights()
-        if main:
-            model, adapted = unsharded(weights, source, settings, device, precision)
-    if not main:
-        return output
+    return save_checkpoint
+
+
+def _save(run: Prepared, model: Any, adapted: Any, data: InstructionSet, output: Path,
+          force: bool, losses: list[dict[str, Any]], seconds: float, report: Report) -> None:
+    """Answer the held-out part, and write the run into place with its scores."""
+    tokenizer = run.tokenizer
     with staged_run(output, force) as staging:
-        closing = closing_answers(Answerer(model, tokenizer, template, output.name), data)
-        info = _run_info(output, settings, source, template, data, train_set, eval_set,
-                         losses, seconds, precision)
-        info["budget"] = {"epochs": budget.epochs, "steps": budget.steps, "why": budget.why}
+        closing = closing_answers(Answerer(model, tokenizer, run.template, output.name), data)
+        info = _run_info(output, run, data, losses, seconds)
         info["metrics"]["answer_scores"] = closing.summary
         info["metrics"]["closing_answers"] = closing.rows
         if adapted is not None:  # the adapter alone; the run names its base
-            info["lora"] = lora
+            info["lora"] = run.lora
             adapted.save_pretrained(staging)
         else:
             model.save_pretrained(staging)
@@ -253,12 +289,11 @@ def _train(data: InstructionSet, output: Path, settings: TrainSettings, force: b
         write_examples(staging / DATA_FILE, data)
         (staging / "README.md").write_text(model_card(info, closing.rows), encoding="utf-8")
         write_json(staging / RUN_FILE, info)  # written last: the run is complete
-    checkpoints.remove(folder)
+    checkpoints.remove(checkpoints.checkpoint_dir(output))
     report(f"Saved the run to {output} ({seconds:.0f} s of training)")
     report(format_answers(closing.rows))
     which = "Held-out" if data.eval else "Training"
     report(f"{which} answers: {describe_summary(closing.summary)}")
-    return output
 
 
 def load_tokenizer_and_template(settings: TrainSettings, data: InstructionSet,
@@ -326,132 +361,6 @@ def _describe_lora(summary: dict[str, Any]) -> str:
             f"{share:.1%})")
 
 
-def fit(model: Any, train_set: list[EncodedExample], eval_set: list[EncodedExample],
-        settings: TrainSettings, pad_id: int, device: str, precision: str, report: Report,
-        progress: bool, save_checkpoint: Callable[[int, list[dict[str, Any]], TrainStep],
-                                                   None] | None = None,
-        resumed: checkpoints.Checkpoint | None = None, accelerator: Any = None,
-        fsdp: Any = None) -> tuple[list[dict[str, Any]], TrainStep]:
-    """Train `model` in place; return the loss records (per step, and eval per epoch) and
-    the finished training step.
-
-    With `save_checkpoint`, it is called every `settings.save_every` steps; with `resumed`,
-    training goes on from that checkpoint as if it had never stopped. With `accelerator`
-    (several processes), each process trains on its shard of every batch; with `fsdp`
-    (Accelerate's FSDP settings), the model is sharded too.
-    """
-    import torch
-    from tqdm.auto import tqdm
-
-    total = math.ceil(len(train_set) / settings.batch_size) * settings.epochs
-    step = TrainStep(model, settings.lr, settings.weight_decay, settings.warmup_ratio, total,
-                     device, precision, settings.schedule, accelerator=accelerator, fsdp=fsdp)
-    shard, main = Shard(accelerator), accelerator is None or accelerator.is_main_process
-    # A sharded model answers only when every process takes part.
-    evaluates = main or fsdp is not None
-    response_tokens = [e.n_response_tokens for e in train_set]
-    order = torch.Generator().manual_seed(settings.seed)
-    records: list[dict[str, Any]] = []
-    skip = 0  # steps a resumed run has done already
-    if resumed is not None:
-        step.load_state_dict(resumed.tensors)
-        checkpoints.restore_rng(resumed, shard.rank)
-        records, skip = list(resumed.records), resumed.done
-    bar = tqdm(total=total, initial=skip, desc="training", unit="step",
-               disable=not progress, leave=False)
-    done = 0
-    # One process only: several stop as their launcher stops them, as before.
-    with _ctrl_c_between_steps(accelerator is None) as stop_asked:
-        for epoch in range(1, settings.epochs + 1):
-            model.train()
-            # Random batches. Grouping them by length saved ~10% of the padding work but,
-            # as examples of one family have similar lengths, made batches of one family,
-            # and the held-out answers got worse (spells.txt, lr 2e-4, 3 seeds: 10/18 vs
-            # 17/18 in form). The loss packs each batch into one row without padding instead
-            # (see loss.py). The order is drawn for every epoch, skipped ones too, so that a
-            # resumed run replays the same batches.
-            perm = torch.randperm(len(train_set), generator=order).tolist()
-            for start in range(0, len(perm), settings.batch_size):
-                done += 1
-                if done <= skip:
-                    continue
-                indices = perm[start:start + settings.batch_size]
-                mine, counts = shard.rows(indices)
-                batch = collate([train_set[i] for i in mine], pad_id)
-                value = step(batch, shard.share(mine, counts, indices, response_tokens))
-                records.append({"step": done, "epoch": epoch, "loss": round(value, 5),
-                                "lr": step.lr, "tokens": sum(len(train_set[i].input_ids)
-                                                             for i in indices),
-                                "padded_tokens": shard.padded_tokens(indices, train_set)})
-                bar.set_postfix(epoch=epoch, loss=f"{value:.3f}", refresh=False)
-                bar.update(1)
-                if save_checkpoint and done % settings.save_every == 0 and done < total:
-                    save_checkpoint(done, records, step)
-                if stop_asked():
-                    raise KeyboardInterrupt
-            if evaluates and eval_set and not any(r.get("epoch") == epoch and "eval_loss" in r
-                                                  for r in records):
-                # FSDP casts to bf16 itself, and gathers the weights only in the model's
-                # forward.
-                eval_loss = mean_loss(model, eval_set, settings.batch_size, pad_id, device,
-                                      "fp32" if step.fsdp else precision,
-                                      labels_only=not step.fsdp)
-                records.append({"step": done, "epoch": epoch,
-                                "eval_loss": round(eval_loss, 5)})
-                message = (f"epoch {epoch}: train loss {_epoch_mean(records, epoch):.3f}, "
-                           f"eval loss {eval_loss:.3f}")
-                if progress:
-                    bar.write(message)  # keeps the progress bar intact
-                else:
-                    report(message)
-            if stop_asked():
-                raise KeyboardInterrupt
-    bar.close()
-    step.finish()
-    return records, step
-
-
-@contextmanager
-def _ctrl_c_between_steps(active: bool = True) -> Iterator[Callable[[], bool]]:
-    """Within it, Ctrl-C ends training after the step under way: yields whether it was
-    pressed.
-
-    A KeyboardInterrupt raised anywhere in a step can be lost (Python ignores one raised in
-    a finalizer, and library code may catch it): once, in a test, training went on for a
-    minute after Ctrl-C. The first Ctrl-C only sets a flag, checked after every step; a
-    second one interrupts at once. The caller turns the flag into a KeyboardInterrupt,
-    handled like one pressed outside training.
-    """
-    import os
-    import signal
-    import threading
-
-    if not active or threading.current_thread() is not threading.main_thread():
-        yield lambda: False  # only the main thread may handle signals
-        return
-    pressed: list[bool] = []
-    previous = signal.getsignal(signal.SIGINT)
-    if previous is None:  # installed outside Python
-        previous = signal.default_int_handler
-
-    def first(signum: int, frame: Any) -> None:
-        pressed.append(True)
-        signal.signal(signal.SIGINT, previous)
-        # os.write, not print: a signal handler may run in the middle of a print
-        os.write(2, b"\nStopping after this step (Ctrl-C again to stop at once).\n")
-
-    signal.signal(signal.SIGINT, first)
-    try:
-        yield lambda: bool(pressed)
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def _epoch_mean(records: list[dict[str, Any]], epoch: int) -> float:
-    values = [r["loss"] for r in records if r.get("epoch") == epoch and "loss" in r]
-    return sum(values) / max(len(values), 1)
-
-
 def closing_answers(answerer: Answerer, data: InstructionSet, n_train: int = 3) -> EvalResult:
     """Scored answers to the eval part (or a few training examples): did the model learn?"""
     examples = data.eval or data.train[:n_train]
@@ -473,18 +382,20 @@ def _base_name(spec: str) -> str:
     return EMBEDDED_NAME if spec in ("", EMBEDDED) else spec
 
 
-def _run_info(output: Path, settings: TrainSettings, source: str, template: Template,
-              data: InstructionSet, train_set: list[EncodedExample],
-              eval_set: list[EncodedExample], losses: list[dict[str, Any]], seconds: float,
-              precision: str) -> dict[str, Any]:
+def _run_info(output: Path, run: Prepared, data: InstructionSet, losses: list[dict[str, Any]],
+              seconds: float) -> dict[str, Any]:
+    settings, train_set, eval_set = run.settings, run.trainee.train_set, run.trainee.eval_set
     train_losses = [r["loss"] for r in losses if "loss" in r]
+    budget = run.budget
     return {
         "name": output.name,
         "instructlm_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "base": {"spec": settings.base, "name": _base_name(settings.base), "source": source},
-        "template": template.to_dict(),
-        "settings": {**asdict(settings), "precision_used": precision},
+        "base": {"spec": settings.base, "name": _base_name(settings.base),
+                 "source": run.source},
+        "template": run.template.to_dict(),
+        "settings": {**asdict(settings), "precision_used": run.trainee.precision},
+        "budget": {"epochs": budget.epochs, "steps": budget.steps, "why": budget.why},
         "data": {"file": data.path, "format": data.format, "sha256": data.sha256,
                  "n_train": len(train_set), "n_eval": len(eval_set),
                  "n_dropped": len(data.train) + len(data.eval) - len(train_set) - len(eval_set)},

@@ -13,7 +13,6 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from importlib import resources
 from typing import Any, AsyncIterator, Callable
 
