@@ -42,7 +42,7 @@ def error_response(status: int, message: str, kind: str = "invalid_request_error
 # --- the application ------------------------------------------------------------------------
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": api.ErrorBody} for status in (400, 401, 404)}
+    status: {"model": api.ErrorBody} for status in (400, 401, 404, 408, 413)}
 STREAM = {200: {"content": {"text/event-stream": {}}}}
 
 
@@ -172,7 +172,7 @@ def _completion(plan: Plan, answers: list[Answer]) -> api.Completion:
         choices=[api.CompletionChoice(index=job.index, text=a.response,
                                       finish_reason=a.finish_reason)
                  for job, a in zip(plan.jobs, answers, strict=True)],
-        usage=_usage(plan, answers))
+        usage=_usage(plan, sum(a.new_tokens for a in answers)))
 
 
 def _chat_completion(plan: Plan, answers: list[Answer]) -> api.ChatCompletion:
@@ -181,17 +181,16 @@ def _chat_completion(plan: Plan, answers: list[Answer]) -> api.ChatCompletion:
         choices=[api.ChatChoice(index=job.index, message=api.AssistantMessage(content=a.response),
                                 finish_reason=a.finish_reason)
                  for job, a in zip(plan.jobs, answers, strict=True)],
-        usage=_usage(plan, answers))
+        usage=_usage(plan, sum(a.new_tokens for a in answers)))
 
 
 def _new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def _usage(plan: Plan, answers: list[Answer]) -> api.Usage:
-    new = sum(a.new_tokens for a in answers)
-    return api.Usage(prompt_tokens=plan.prompt_tokens, completion_tokens=new,
-                     total_tokens=plan.prompt_tokens + new)
+def _usage(plan: Plan, new_tokens: int) -> api.Usage:
+    return api.Usage(prompt_tokens=plan.prompt_tokens, completion_tokens=new_tokens,
+                     total_tokens=plan.prompt_tokens + new_tokens)
 
 
 # --- streaming ------------------------------------------------------------------------------
@@ -218,57 +217,57 @@ async def _guarded(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
     yield "data: [DONE]\n\n"
 
 
-def _stream_usage(plan: Plan, new_tokens: int) -> api.Usage:
-    return api.Usage(prompt_tokens=plan.prompt_tokens, completion_tokens=new_tokens,
-                     total_tokens=plan.prompt_tokens + new_tokens)
+def _chunks(served: Models, plan: Plan, request: api.Sampling, prefix: str,
+            envelope: Callable[..., Any], choices_of: Callable[[Any, bool], list[Any]]
+            ) -> AsyncIterator[str]:
+    """A streamed answer as server-sent events: each piece of text becomes chunks
+    (`choices_of(piece, first of its choice)` gives their choices, one list a chunk), then
+    the usage if the client asked for it."""
+    cid, created = _new_id(prefix), int(time.time())
 
-
-def _completion_chunks(served: Models, plan: Plan,
-                       request: api.CompletionRequest) -> AsyncIterator[str]:
-    cid, created = _new_id("cmpl"), int(time.time())
-
-    def chunk(choices: list[api.CompletionChoice], usage: api.Usage | None = None) -> str:
-        return _sse(api.Completion(id=cid, created=created, model=plan.model,
-                                   choices=choices, usage=usage))
-
-    async def chunks() -> AsyncIterator[str]:
-        new_tokens = 0
-        async for piece in served.stream(plan):
-            new_tokens += piece.new_tokens
-            if piece.text or piece.finish_reason:
-                yield chunk([api.CompletionChoice(index=piece.job.index, text=piece.text,
-                                                  finish_reason=piece.finish_reason)])
-        if request.stream_options and request.stream_options.include_usage:
-            yield chunk([], _stream_usage(plan, new_tokens))
-
-    return _guarded(chunks())
-
-
-def _chat_chunks(served: Models, plan: Plan, request: api.ChatRequest) -> AsyncIterator[str]:
-    cid, created = _new_id("chatcmpl"), int(time.time())
-
-    def chunk(choices: list[api.ChunkChoice], usage: api.Usage | None = None) -> str:
-        return _sse(api.ChatCompletionChunk(id=cid, created=created, model=plan.model,
-                                            choices=choices, usage=usage))
+    def chunk(choices: list[Any], usage: api.Usage | None = None) -> str:
+        return _sse(envelope(id=cid, created=created, model=plan.model, choices=choices,
+                             usage=usage))
 
     async def chunks() -> AsyncIterator[str]:
         new_tokens, opened = 0, set()
         async for piece in served.stream(plan):
-            index = piece.job.index
-            if index not in opened:  # OpenAI opens each choice with the role alone
-                opened.add(index)
-                yield chunk([api.ChunkChoice(index=index,
-                                             delta=api.Delta(role="assistant", content=""))])
             new_tokens += piece.new_tokens
-            if piece.text:
-                yield chunk([api.ChunkChoice(index=index, delta=api.Delta(content=piece.text))])
-            if piece.finish_reason:
-                yield chunk([api.ChunkChoice(index=index, delta=api.Delta(),
-                                             finish_reason=piece.finish_reason)])
+            first = piece.job.index not in opened
+            opened.add(piece.job.index)
+            for choices in choices_of(piece, first):
+                yield chunk(choices)
         if request.stream_options and request.stream_options.include_usage:
-            yield chunk([], _stream_usage(plan, new_tokens))
+            yield chunk([], _usage(plan, new_tokens))
 
     return _guarded(chunks())
+
+
+def _completion_choices(piece: Any, first: bool) -> list[list[api.CompletionChoice]]:
+    if not (piece.text or piece.finish_reason):
+        return []
+    return [[api.CompletionChoice(index=piece.job.index, text=piece.text,
+                                  finish_reason=piece.finish_reason)]]
+
+
+def _chat_choices(piece: Any, first: bool) -> list[list[api.ChunkChoice]]:
+    index, out = piece.job.index, []
+    if first:  # OpenAI opens each choice with the role alone
+        out.append([api.ChunkChoice(index=index, delta=api.Delta(role="assistant", content=""))])
+    if piece.text:
+        out.append([api.ChunkChoice(index=index, delta=api.Delta(content=piece.text))])
+    if piece.finish_reason:
+        out.append([api.ChunkChoice(index=index, delta=api.Delta(),
+                                    finish_reason=piece.finish_reason)])
+    return out
+
+
+def _completion_chunks(served: Models, plan: Plan, request: api.Sampling) -> AsyncIterator[str]:
+    return _chunks(served, plan, request, "cmpl", api.Completion, _completion_choices)
+
+
+def _chat_chunks(served: Models, plan: Plan, request: api.Sampling) -> AsyncIterator[str]:
+    return _chunks(served, plan, request, "chatcmpl", api.ChatCompletionChunk, _chat_choices)
 
 
 # --- the web page ---------------------------------------------------------------------------
