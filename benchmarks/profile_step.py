@@ -32,8 +32,9 @@ from pathlib import Path
 import torch
 
 from instructlm.base import load_model, load_tokenizer, quiet_libraries, resolve_base
+from instructlm.batches import collate
 from instructlm.devices import matmul_gflops
-from instructlm.encode import collate, encode_examples
+from instructlm.encode import encode_examples
 from instructlm.formats import read_instruction_file
 from instructlm.optimize import TrainStep
 from instructlm.templates import choose_template

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-from instructlm.encode import IGNORE_INDEX, collate, encode_example, encode_examples, \
-    encode_prompt
+from instructlm.batches import collate
+from instructlm.encode import (
+    IGNORE_INDEX,
+    encode_example,
+    encode_examples,
+    encode_prompt,
+)
 from instructlm.formats import Example
 from instructlm.templates import parse_template, render_prompt
 

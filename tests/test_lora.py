@@ -12,8 +12,9 @@ from safetensors.torch import load_file
 
 from instructlm.adapters import LoraSettings, add_lora, merge
 from instructlm.answerer import load_answerer
+from instructlm.batches import collate
 from instructlm.cli import main
-from instructlm.encode import collate, encode_example
+from instructlm.encode import encode_example
 from instructlm.errors import InstructlmError
 from instructlm.formats import Example
 from instructlm.optimize import TrainStep

@@ -12,9 +12,10 @@ from conftest import make_tiny_model
 
 from instructlm import devices
 from instructlm import loss as loss_module
-from instructlm.encode import IGNORE_INDEX, collate, encode_examples
+from instructlm.batches import collate, packing_pays, shared_prefix_length
+from instructlm.encode import IGNORE_INDEX, encode_examples
 from instructlm.formats import Example
-from instructlm.loss import batch_loss, shared_prefix_length
+from instructlm.loss import batch_loss
 from instructlm.optimize import TrainStep, clip_gradients
 from instructlm.templates import parse_template
 
@@ -229,13 +230,14 @@ def test_dropping_finished_answers_gives_generates_greedy_answers(tiny_tokenizer
     """Same answers as `generate`, also when the prompts share an opening (run once)."""
     from transformers import GenerationConfig
 
-    from instructlm.decode_loop import _shared_prefix_first, answers_as_they_end
+    from instructlm.batches import shared_opening_first
+    from instructlm.decode_loop import answers_as_they_end
 
     model = make_tiny_model(tiny_tokenizer).eval()
     ids, mask = _left_padded(tiny_tokenizer, [
         opening + t for t in ("Name three fruits.", "Hi", "Tell me a spell.",
                               "Say hello to everybody here.")])
-    assert bool(_shared_prefix_first(ids, mask)[0]) == bool(opening)
+    assert bool(shared_opening_first(ids, mask)[0]) == bool(opening)
     width = ids.shape[1]
     with torch.inference_mode():
         free = model.generate(input_ids=ids, attention_mask=mask,
@@ -300,7 +302,7 @@ def test_packed_rows_give_the_padded_rows_loss_and_gradients(tiny_tokenizer, enc
     batch = collate(encoded, tiny_tokenizer.pad_token_id)
     assert (batch["attention_mask"] == 0).any()  # there is padding to leave out
     # Whether it pays is the next test's matter: here the two must agree.
-    monkeypatch.setattr(loss_module, "_packing_pays", lambda *args: True)
+    monkeypatch.setattr(loss_module, "packing_pays", lambda *args: True)
     packed = make_tiny_model(tiny_tokenizer)
     padded = copy.deepcopy(packed)
     calls = []
@@ -326,14 +328,14 @@ def test_packing_is_left_out_where_it_would_cost_more():
 
     config = LlamaConfig(hidden_size=576, intermediate_size=1536)  # the embedded model's
     mask = torch.ones(2, 100, dtype=torch.long)
-    assert not loss_module._packing_pays(config, mask, 0)  # no padding
+    assert not packing_pays(config, mask, 0)  # no padding
     mask[1, 90:] = 0
-    assert loss_module._packing_pays(config, mask, 0)  # short: the padding costs more
+    assert packing_pays(config, mask, 0)  # short: the padding costs more
     long = torch.ones(8, 2000, dtype=torch.long)
     long[1:, 1900:] = 0
-    assert not loss_module._packing_pays(config, long, 0)  # long: attention costs more
+    assert not packing_pays(config, long, 0)  # long: attention costs more
     windowed = LlamaConfig(hidden_size=576, intermediate_size=1536, sliding_window=150)
-    assert not loss_module._packing_pays(windowed, mask, 0)  # 190 tokens > the window
+    assert not packing_pays(windowed, mask, 0)  # 190 tokens > the window
 
 
 def test_lookup_decoding_keeps_the_greedy_answer(tiny_tokenizer):

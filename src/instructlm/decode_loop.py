@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 
 from .architectures import architecture
 from .base import cache_argument
-from .loss import MIN_SHARED_PREFIX
+from .batches import shared_opening_first
 
 MAX_NGRAM = 3  # the longest run of last tokens looked up in the text so far
 MAX_GUESS = 32  # tokens proposed at most; checking 32 took ~2.5x the time of one here
@@ -73,7 +73,7 @@ def _decode(model: Any, ids: Any, mask: Any, max_new_tokens: int, end_ids: list[
     rows = torch.arange(ids.shape[0], device=ids.device)  # which input row each row is
     answers: list[list[int]] = [[] for _ in range(ids.shape[0])]
     prompts = [r[m.bool()].tolist() for r, m in zip(ids, mask, strict=True)]
-    start, ids, mask = _shared_prefix_first(ids, mask)
+    start, ids, mask = shared_opening_first(ids, mask)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # padding: count real tokens only
     cache = DynamicCache(config=model.config)
     name = cache_argument(model)
@@ -174,29 +174,3 @@ def _look_up(tokens: list[int], count: int) -> list[int]:
                     copied.append(copied[i])
                 return copied[len(tokens):]
     return []
-
-
-def _shared_prefix_first(ids: Any, mask: Any) -> tuple[int, Any, Any]:
-    """Left-padded rows rearranged as shared opening, padding, rest of each prompt.
-
-    Returns the opening's length (0 if the rows share less than MIN_SHARED_PREFIX tokens, or
-    there is one row) and the rearranged ids and mask.
-    """
-    import torch
-
-    rows = [r[m.bool()] for r, m in zip(ids, mask, strict=True)]
-    shortest = min(len(r) for r in rows)
-    if len(rows) < 2 or shortest <= MIN_SHARED_PREFIX:
-        return 0, ids, mask
-    same = torch.stack([r[:shortest] for r in rows]).eq(rows[0][:shortest]).all(0)
-    start = min(int(same.int().cumprod(0).sum()), shortest - 1)  # each row keeps a token
-    if start < MIN_SHARED_PREFIX:
-        return 0, ids, mask
-    width = ids.shape[1]
-    new_ids = torch.zeros_like(ids)  # padding: any id, masked out
-    new_mask = torch.zeros_like(mask)
-    for i, r in enumerate(rows):
-        new_ids[i, :start], new_mask[i, :start] = r[:start], 1
-        new_ids[i, width - len(r) + start:] = r[start:]
-        new_mask[i, width - len(r) + start:] = 1
-    return start, new_ids, new_mask

@@ -107,20 +107,3 @@ def encode_examples(examples: list[Example], template: Template, tokenizer: Any,
                             "the model will not learn to stop here")
         kept.append(enc)
     return kept, warnings
-
-
-def collate(batch: list[EncodedExample], pad_id: int) -> dict[str, Any]:
-    """Right-pad a batch into tensors; padded positions carry no loss and no attention."""
-    import torch
-
-    width = max(len(e.input_ids) for e in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, e in enumerate(batch):
-        n = len(e.input_ids)
-        ids[row, :n] = torch.tensor(e.input_ids)
-        labels[row, :n] = torch.tensor(e.labels)
-        mask[row, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from . import checkpoints
+from .batches import collate
 from .distributed import Shard
-from .encode import EncodedExample, collate
+from .encode import EncodedExample
 from .evaluate import Report
 from .loss import mean_loss
 from .optimize import TrainStep
