@@ -36,7 +36,7 @@ from instructlm.batches import collate
 from instructlm.devices import matmul_gflops
 from instructlm.encode import encode_examples
 from instructlm.formats import read_instruction_file
-from instructlm.optimize import TrainStep
+from instructlm.optimize import SpeedPaths, TrainStep
 from instructlm.templates import choose_template
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,9 +53,10 @@ def run_variant(name: str, source: str, encoded: list, pad_id: int, epochs: int,
     step = TrainStep(model, lr=1e-4, weight_decay=0.01, warmup_ratio=0.1,
                      total_steps=steps_per_epoch * epochs + 1, device="cpu",
                      precision="bf16" if name.startswith("bf16") else "fp32",
-                     labels_only=later >= 1, sparse_embedding=later >= 2,
-                     share_prefix=later >= 3, pack=later >= 4 and name != "grouped",
-                     master_weights=name != "bf16-autocast")
+                     speed=SpeedPaths(labels_only=later >= 1, sparse_embedding=later >= 2,
+                                      share_prefix=later >= 3,
+                                      pack=later >= 4 and name != "grouped",
+                                      master_weights=name != "bf16-autocast"))
     if name == "compiled":
         model.base_model.compile(dynamic=True)
     generator = torch.Generator().manual_seed(0)

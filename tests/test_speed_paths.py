@@ -16,7 +16,7 @@ from instructlm.batches import collate, packing_pays, shared_prefix_length
 from instructlm.encode import IGNORE_INDEX, encode_examples
 from instructlm.formats import Example
 from instructlm.loss import batch_loss
-from instructlm.optimize import TrainStep, clip_gradients
+from instructlm.optimize import SpeedPaths, TrainStep, clip_gradients
 from instructlm.templates import parse_template
 
 EXAMPLES = [Example("Name three fruits.", "Apple, banana, cherry"), Example("Hi", "Hello!"),
@@ -110,7 +110,8 @@ def test_sparse_embedding_gradient_equals_the_dense_one(tiny_tokenizer, encoded)
     dense_model = make_tiny_model(tiny_tokenizer)
     sparse_model = copy.deepcopy(dense_model)
     batch = collate(encoded, tiny_tokenizer.pad_token_id)
-    steps = [TrainStep(m, 1e-3, 0.0, 0.0, 2, "cpu", "fp32", sparse_embedding=sparse)
+    steps = [TrainStep(m, 1e-3, 0.0, 0.0, 2, "cpu", "fp32",
+                       speed=SpeedPaths(sparse_embedding=sparse))
              for m, sparse in ((dense_model, False), (sparse_model, True))]
     assert steps[1].sparse_embedding and not steps[0].sparse_embedding
     for step in steps:
@@ -156,7 +157,8 @@ def test_bf16_master_weights_track_fp32_training(tiny_tokenizer, encoded):
     losses = {}
     for name, model in models.items():
         step = TrainStep(model, 3e-3, 0.0, 0.0, 1000, "cpu",
-                         "fp32" if name == "fp32" else "bf16", master_weights=name != "autocast")
+                         "fp32" if name == "fp32" else "bf16",
+                         speed=SpeedPaths(master_weights=name != "autocast"))
         if name == "bf16":
             assert next(model.parameters()).dtype == torch.bfloat16
         losses[name] = [step(batch) for _ in range(30)]

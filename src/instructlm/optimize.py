@@ -1,14 +1,14 @@
 """One training step: the loss of a batch, backward, clipping, an AdamW update, the schedule.
 
-In bf16 the weights are kept twice: the model computes with bf16 copies, and AdamW updates fp32
-master weights, which are copied back into the model after each step. Pure bf16 weights barely
-learn (updates of 1e-4 vanish in bf16's 8-bit mantissa); the usual alternative, fp32 weights
-under autocast, re-casts every weight on every forward pass.
+`TrainStep.__call__` shows those five in order; where the numbers live (bf16 copies with
+fp32 master weights, fp16 with a loss scaler) is `Precision`'s matter, and the shortcuts
+that make a step fast are switched in one place, `SpeedPaths`.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from .budget import make_scheduler
@@ -16,14 +16,102 @@ from .errors import InstructlmError
 from .loss import batch_loss
 
 
+@dataclass(frozen=True)
+class SpeedPaths:
+    """The shortcuts of a training step, all on in production. Each gives the same numbers
+    as the plain path, faster (tests prove it); benchmarks/profile_step.py turns them on one
+    by one to show what each gains."""
+
+    labels_only: bool = True  # the output layer only where there are labels (loss.py)
+    master_weights: bool = True  # in bf16: bf16 weights to compute, fp32 ones to update
+    sparse_embedding: bool = True  # a sparse gradient for a tied input embedding
+    share_prefix: bool = True  # a prompt opening every row shares, computed once
+    pack: bool = True  # each batch as one row without padding (batches.py)
+
+
+class Precision:
+    """Where a step's numbers live. bf16 (with master weights): the model computes with
+    bf16 copies while AdamW updates fp32 master weights, copied back after each step; pure
+    bf16 weights barely learn (updates of 1e-4 vanish in bf16's 8-bit mantissa), and fp32
+    weights under autocast re-cast every weight on every forward pass. fp16: fp32 weights
+    under autocast, with the loss scaled so that small gradients do not underflow. fp32 and
+    bf16 without master weights: the weights as they are."""
+
+    def __init__(self, params: list[Any], precision: str, device: str,
+                 master_weights: bool) -> None:
+        import torch
+
+        self.params = params
+        self.master: list[Any] | None = None
+        if precision == "bf16" and master_weights:
+            self.master = [p.detach().float() for p in params]
+            for m in self.master:
+                m.grad = torch.zeros_like(m)
+            # Parameters only: buffers such as rotary frequencies stay fp32.
+            for p in params:
+                p.data = p.data.to(torch.bfloat16)
+        self.scaler = (torch.amp.GradScaler(torch.device(device).type)
+                       if precision == "fp16" else None)
+
+    @property
+    def trained(self) -> list[Any]:
+        """The tensors AdamW updates."""
+        return self.master or self.params
+
+    def backward(self, loss: Any) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def gradients_ready(self, optimizer: Any) -> None:
+        """The gradients where AdamW reads them, at their true size."""
+        import torch
+
+        if self.master is not None:
+            for m, p in zip(self.master, self.params, strict=True):
+                if p.grad is None:  # a parameter this batch did not use
+                    m.grad.zero_()
+            used = [(m.grad, p.grad) for m, p in zip(self.master, self.params, strict=True)
+                    if p.grad is not None]
+            torch._foreach_copy_([m for m, _ in used], [g for _, g in used])
+        if self.scaler:
+            self.scaler.unscale_(optimizer)
+
+    def update(self, optimizer: Any) -> None:
+        """AdamW's step, and the model's weights made its result."""
+        import torch
+
+        if self.scaler:  # skips the step when the scaled gradients overflowed
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+        if self.master is not None:
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, self.master)
+
+    def load(self, values: list[Any]) -> None:
+        """Set the weights (in full precision) to `values`."""
+        import torch
+
+        with torch.no_grad():
+            for i, value in enumerate(values):
+                if self.master is not None:
+                    self.master[i].copy_(value)
+                self.params[i].copy_(value)  # cast to the model's dtype
+
+    def finish(self) -> None:
+        """Leave the model with its full-precision weights."""
+        if self.master is not None:
+            for p, m in zip(self.params, self.master, strict=True):
+                p.data = m.detach()
+            self.master = None
+
+
 class TrainStep:
     """Call with a collated batch to train on it; returns the batch's loss."""
 
     def __init__(self, model: Any, lr: float, weight_decay: float, warmup_ratio: float,
                  total_steps: int, device: str, precision: str, schedule: str = "linear",
-                 labels_only: bool = True,
-                 master_weights: bool = True, sparse_embedding: bool = True,
-                 share_prefix: bool = True, pack: bool = True, accelerator: Any = None,
+                 speed: SpeedPaths = SpeedPaths(), accelerator: Any = None,
                  fsdp: Any = None) -> None:
         import torch
 
@@ -31,39 +119,25 @@ class TrainStep:
 
         self.model = model
         self.accelerator, self.fsdp = accelerator, fsdp is not None
-        with torch.no_grad():  # weights of one's own to write to (see _own_memory)
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.data = _own_memory(p.data)
         self.world = accelerator.num_processes if accelerator else 1
         # DistributedDataParallel averages dense gradients; the sparse embedding trick stays
         # with single-process training.
-        self.sparse_embedding = sparse_embedding and self.world == 1 and _sparse_embedding(model)
+        self.sparse_embedding = _prepare_weights(
+            model, speed.sparse_embedding and self.world == 1)
         if self.fsdp:  # before the optimizer sees the parameters, which become shards
             shard_model(model, fsdp, precision)
             # Through the model's own forward, whose hooks gather the sharded weights. FSDP
             # casts to bf16 itself over fp32 shards: no autocast and no master copies here.
-            labels_only, share_prefix, pack, precision = False, False, False, "fp32"
+            speed, precision = SpeedPaths(False, False, False, False, False), "fp32"
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.names = [n for n, _ in named]
-        self.params = [p for _, p in named]
-        self.master: list[Any] | None = None
-        if precision == "bf16" and master_weights:
-            self.master = [p.detach().float() for p in self.params]
-            for m in self.master:
-                m.grad = torch.zeros_like(m)
-            # Parameters only: buffers such as rotary frequencies stay fp32.
-            for p in self.params:
-                p.data = p.data.to(torch.bfloat16)
-        self.loss = loss_module(model, device, precision, labels_only, share_prefix, pack)
+        self.numbers = Precision([p for _, p in named], precision, device,
+                                 speed.master_weights)
+        self.loss = loss_module(model, device, precision, speed)
         if self.world > 1 and not self.fsdp:  # wrapped in DDP (once the weights have their
             # dtype), whose backward averages the gradients of every process
             self.loss = accelerator.prepare_model(self.loss, device_placement=False)
-        # fp16 keeps fp32 weights under autocast, with the loss scaled so that small
-        # gradients do not underflow fp16's range (bf16 has fp32's range and needs none).
-        self.scaler = (torch.amp.GradScaler(torch.device(device).type)
-                       if precision == "fp16" else None)
-        trained = self.master or self.params
+        trained = self.numbers.trained
         # Weight decay on matrices only, as is customary: not on norms and biases.
         groups = [{"params": [p for p in trained if p.ndim >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in trained if p.ndim < 2], "weight_decay": 0.0}]
@@ -82,32 +156,16 @@ class TrainStep:
         In several processes `batch` is this process's shard and `share` its weight (see
         distributed.Shard).
         """
-        import torch
-
         loss = self.loss(batch)
-        scaled = loss * share
-        (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-        if self.master is not None:
-            for m, p in zip(self.master, self.params, strict=True):
-                if p.grad is None:  # a parameter this batch did not use
-                    m.grad.zero_()
-            used = [(m.grad, p.grad) for m, p in zip(self.master, self.params, strict=True)
-                    if p.grad is not None]
-            torch._foreach_copy_([m for m, _ in used], [g for _, g in used])
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        clip_gradients(self.master or self.params, 1.0, plain=self.world == 1)
-        if self.scaler:  # skips the step when the scaled gradients overflowed
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+        self.numbers.backward(loss * share)
+        self.numbers.gradients_ready(self.optimizer)
+        clip_gradients(self.numbers.trained, 1.0, plain=self.world == 1)
+        self.numbers.update(self.optimizer)
         self.scheduler.step()
-        if self.master is not None:
-            with torch.no_grad():
-                torch._foreach_copy_(self.params, self.master)
         self.model.zero_grad(set_to_none=True)
-        value = loss.detach() * (share / self.world)
+        return self._global(loss.detach() * (share / self.world))
+
+    def _global(self, value: Any) -> float:
         if self.world > 1:
             value = self.accelerator.reduce(value, reduction="sum")
         return value.item()
@@ -116,8 +174,9 @@ class TrainStep:
         """What resuming needs: the trained weights in full precision, AdamW's moments and
         the schedule's position. With FSDP every process must call it (the shards are
         gathered); the main process gets the whole state."""
+        scaler = self.numbers.scaler
         state = {"scheduler": self.scheduler.state_dict(),
-                 "scaler": self.scaler.state_dict() if self.scaler else None,
+                 "scaler": scaler.state_dict() if scaler else None,
                  "fsdp": self.fsdp}
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -126,20 +185,18 @@ class TrainStep:
                                                 options=_full_state(ignore_frozen_params=True))
             return {**state, "weights": weights, "optimizer": optimizer}
         weights = {n: t.detach().float().clone()
-                   for n, t in zip(self.names, self.master or self.params, strict=True)}
+                   for n, t in zip(self.names, self.numbers.trained, strict=True)}
         return {**state, "weights": weights, "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        import torch
-
         if bool(state.get("fsdp")) != self.fsdp:
             raise InstructlmError(
                 "the checkpoint was saved " + ("with" if state.get("fsdp") else "without") +
                 " FSDP; resume it the way it was started",
                 hint="launch with the same Accelerate config as the interrupted run")
         self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
+        if self.numbers.scaler and state.get("scaler"):
+            self.numbers.scaler.load_state_dict(state["scaler"])
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import set_state_dict
 
@@ -147,12 +204,7 @@ class TrainStep:
                            optim_state_dict=state["optimizer"],
                            options=_full_state(strict=False))
             return
-        with torch.no_grad():
-            for i, name in enumerate(self.names):
-                value = state["weights"][name]
-                if self.master is not None:
-                    self.master[i].copy_(value)
-                self.params[i].copy_(value)  # cast to the model's dtype
+        self.numbers.load([state["weights"][name] for name in self.names])
         self.optimizer.load_state_dict(state["optimizer"])
 
     def full_weights(self) -> dict[str, Any]:
@@ -166,10 +218,7 @@ class TrainStep:
         """Leave the model with its fp32 master weights, ready to save and to answer."""
         if self.sparse_embedding:
             self.model.get_input_embeddings().sparse = False
-        if self.master is not None:
-            for p, m in zip(self.params, self.master, strict=True):
-                p.data = m.detach()
-            self.master = None
+        self.numbers.finish()
         self.optimizer.state.clear()  # AdamW's moments: twice the model's size
 
 
@@ -203,8 +252,7 @@ def _full_state(**options: Any) -> Any:
     return StateDictOptions(full_state_dict=True, cpu_offload=True, **options)
 
 
-def loss_module(model: Any, device: str, precision: str, labels_only: bool,
-                share_prefix: bool, pack: bool) -> Any:
+def loss_module(model: Any, device: str, precision: str, speed: SpeedPaths) -> Any:
     """The training loss of `model` as a module of its own, so that DistributedDataParallel
     can wrap it: its backward then averages the gradients of every process."""
     import torch
@@ -215,10 +263,23 @@ def loss_module(model: Any, device: str, precision: str, labels_only: bool,
             self.model = model
 
         def forward(self, batch: dict[str, Any]) -> Any:
-            return batch_loss(self.model, batch, device, precision, labels_only, share_prefix,
-                              pack)
+            return batch_loss(self.model, batch, device, precision, speed.labels_only,
+                              speed.share_prefix, speed.pack)
 
     return LossOf()
+
+
+def _prepare_weights(model: Any, sparse_embedding: bool) -> bool:
+    """The CPU preparations, once at setup: trainable weights in memory of their own, and
+    (with `sparse_embedding`) a sparse gradient for a tied input embedding; returns whether
+    that was set."""
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = _own_memory(p.data)
+    return sparse_embedding and _sparse_embedding(model)
 
 
 def _own_memory(tensor: Any) -> Any:
