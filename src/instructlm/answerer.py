@@ -24,8 +24,7 @@ from .templates import Template, choose_template, render_prompt
 from .textcut import TextCutter
 
 # Instructions decoded together. Answering is bound by reading the weights once per token, so a
-# batch costs little more than one answer: 32 short answers came 5.6x faster than one at a time
-# on 2 CPU cores.
+# batch costs little more than one answer.
 BATCH_SIZE = 32
 
 

@@ -12,11 +12,10 @@ n-gram blocking stay with `generate`.
 Once one greedy answer is left (alone from the start, or the last of a batch), it goes on
 with prompt lookup decoding: tokens that followed the same few tokens earlier in the
 prompt or the answer are proposed, and one call of the model checks them all; it keeps those
-the model would have chosen itself, so the answer stays the same. Checking 16 tokens in one
-call cost about twice as much as one here, 32 about 2.5x (the weights are read once either
-way), so answers that copy from their instruction or repeat themselves (a list running on
-to the token limit) come several times faster. Streamed answers take the same path, token
-by token.
+the model would have chosen itself, so the answer stays the same. Checking many tokens in
+one call costs a few times one token, not many (the weights are read once either way), so
+answers that copy from their instruction or repeat themselves (a list running on to the
+token limit) come several times faster. Streamed answers take the same path, token by token.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ from .base import cache_argument
 from .batches import shared_opening_first
 
 MAX_NGRAM = 3  # the longest run of last tokens looked up in the text so far
-MAX_GUESS = 32  # tokens proposed at most; checking 32 took ~2.5x the time of one here
+MAX_GUESS = 32  # tokens proposed at most: past this a check costs more than it saves
 
 
 def can_drop_finished(model: Any, beams: int, no_repeat_ngram: int) -> bool:
@@ -128,7 +127,7 @@ def _finish_by_lookup(model: Any, cache: dict[str, Any], prompt: list[int],
 
     `mask` covers the cached positions, `position` is the last token's position. How many
     tokens are proposed adapts: twice as many after all were right, one more than were right
-    otherwise, so that a wrong guess costs little (checking 2 tokens took ~1.1x one here).
+    otherwise, so that a wrong guess costs little (checking 2 tokens costs hardly more than 1).
     """
     import torch
 

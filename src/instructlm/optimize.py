@@ -141,8 +141,8 @@ class TrainStep:
         # Weight decay on matrices only, as is customary: not on norms and biases.
         groups = [{"params": [p for p in trained if p.ndim >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in trained if p.ndim < 2], "weight_decay": 0.0}]
-        # The fused kernel updates all parameters in one pass: ~5x faster than the for-loop
-        # default on a CPU, where that took a third of the step.
+        # The fused kernel updates all parameters in one pass; the for-loop default is slow
+        # on a CPU (docs/benchmarks.md, speed and memory).
         self.optimizer = torch.optim.AdamW(groups, lr=lr, fused=True)
         self.scheduler = make_scheduler(self.optimizer, schedule, warmup_ratio, total_steps)
 
@@ -227,10 +227,9 @@ def clip_gradients(params: list[Any], max_norm: float, plain: bool = True) -> fl
     `torch.nn.utils.clip_grad_norm_` does; return the norm before.
 
     For dense CPU gradients of one process (`plain`) the norm is summed from dot products
-    and the gradients are multiplied only when they are clipped: the library's norm per
-    tensor took 47 ms of a ~1.3 s step of the embedded model here, the dot products 22 ms,
-    and it always multiplies (by 1.0 when the norm is small enough; 26 ms). Elsewhere
-    (GPUs, where a branch on the norm would wait for the device; sharded or sparse
+    and the gradients are multiplied only when they are clipped, because the library's norm
+    per tensor is slower there and it always multiplies (by 1.0 when no clipping is needed).
+    Elsewhere (GPUs, where a branch on the norm would wait for the device; sharded or sparse
     gradients) it is the library's function.
     """
     import torch
@@ -284,8 +283,8 @@ def _prepare_weights(model: Any, sparse_embedding: bool) -> bool:
 
 def _own_memory(tensor: Any) -> Any:
     """`tensor` in memory of its own. Weights loaded from safetensors are mapped from the
-    file, privately: the first write to each page then copies it, which made the first
-    optimizer step of the embedded model 2.3 s instead of 0.1 s; one copy takes 0.15 s."""
+    file, privately: the first write to each page then copies it, page by page, which is
+    far slower than one copy up front."""
     return tensor.clone() if tensor.device.type == "cpu" else tensor
 
 
@@ -293,8 +292,8 @@ def _sparse_embedding(model: Any) -> bool:
     """Let the input embedding send back a sparse gradient (only the rows of the batch's
     tokens), where it shares its weight with the output layer.
 
-    The dense default writes and then adds a vocabulary-sized gradient (49k x 576 for the
-    embedded model) every step, about a tenth of a CPU step. Because the output layer's
+    The dense default writes and then adds a vocabulary-sized gradient every step, a cost
+    that grows with the vocabulary and not with the batch. Because the output layer's
     gradient is dense, the shared weight's summed gradient stays dense, as AdamW needs.
     """
     import torch

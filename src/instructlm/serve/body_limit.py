@@ -2,7 +2,7 @@
 413), and arriving within `timeout_s` (else 408).
 
 Without it a client could send a body of any size (FastAPI reads it whole, then pydantic
-builds every object in it: 22 MB of empty chat messages took 2.7 GB), or announce a
+builds every object in it, a hundred times the body's size in memory), or announce a
 Content-Length it never sends and hold a connection forever.
 """
 
