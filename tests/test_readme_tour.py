@@ -31,7 +31,7 @@ def tour_commands() -> list[str]:
 def test_the_tour_lists_the_commands_a_user_needs():
     verbs = {shlex.split(c, comments=True)[1] for c in tour_commands()
              if c.startswith("instructlm ")}
-    assert verbs >= {"inspect", "train", "ask", "eval", "compare", "curve", "serve"}
+    assert verbs >= {"inspect", "train", "ask", "eval", "compare", "curve", "serve", "export"}
 
 
 @pytest.mark.parametrize("line", tour_commands())

@@ -7,7 +7,7 @@ loss, with LoRA on every linear layer but the output layer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 
@@ -24,17 +24,19 @@ class Architecture:
     lora_targets: tuple[str, ...] = ()
     # Linear weights stored transposed (fan_in x fan_out, GPT-2's Conv1D).
     conv1d: bool = False
+    # llama.cpp's name for the family, where `export` writes it as GGUF; empty: not yet.
+    gguf: str = ""
 
 
 _LLAMA = Architecture(plain_head=True, positions_and_cache=True, lora_targets=(
-    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), gguf="llama")
 _NEOX_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
-    "qwen2": _LLAMA,
-    "qwen3": _LLAMA,
+    "qwen2": replace(_LLAMA, gguf="qwen2"),
+    "qwen3": replace(_LLAMA, gguf=""),
     "bloom": Architecture(plain_head=True, lora_targets=_NEOX_TARGETS),
     "gpt_neox": Architecture(plain_head=True, lora_targets=_NEOX_TARGETS),
     "gpt2": Architecture(plain_head=True, lora_targets=("c_attn", "c_proj", "c_fc"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Callable
 
+from .gguf_file import DEFAULT_QUANT, QUANTS
 from .answerer import BATCH_SIZE, DecodeSettings
 from .serve.settings import ServeSettings
 
@@ -173,6 +174,16 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]
     p.add_argument("run", help="a run trained with --lora")
     p.add_argument("--output", "-o", help="folder for the merged run (default: RUN-merged)")
     p.add_argument("--force", action="store_true", help="replace an existing run there")
+
+    p = add("export")
+    p.add_argument("run", help="a trained run folder (a LoRA run is merged on the way)")
+    p.add_argument("--quant", default=DEFAULT_QUANT, choices=QUANTS,
+                   help="how the weights are stored: f16, q8_0 (default: about half of f16's "
+                        "size, near f16's answers) or q4_k_m (needs llama-cpp-python)")
+    p.add_argument("--output", "-o", help="the GGUF file (default: RUN-QUANT.gguf beside the "
+                                          "run, or in the --ollama folder)")
+    p.add_argument("--ollama", metavar="DIR", help="also write an Ollama Modelfile into DIR")
+    p.add_argument("--force", action="store_true", help="replace an earlier export there")
 
     p = add("serve")
     served = ServeSettings()

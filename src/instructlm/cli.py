@@ -256,6 +256,27 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- export ---------------------------------------------------------------------------------
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a run as one GGUF file (and an Ollama Modelfile) for llama.cpp and friends."""
+    from .export import export
+
+    quiet_libraries()
+    done = export(args.run, args.quant, args.output, args.ollama, args.force)
+    size = done.gguf.stat().st_size / 1e6
+    _say(f"Wrote {done.gguf} ({args.quant}, {size:.0f} MB): the run's model, tokenizer and "
+         "prompt, for llama.cpp and LM Studio")
+    if done.end_token is None:
+        _say("warning: the run was trained with --no-end-token: its answers will not stop")
+    else:
+        _say(f"Its answers end with {done.end_token}, the GGUF's end-of-sequence token.")
+    if done.modelfile is not None:
+        _say(f"Wrote {done.modelfile}; to use it: ollama create {Path(args.run).name} "
+             f"-f {done.modelfile}")
+    return 0
+
+
 # --- serve ----------------------------------------------------------------------------------
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -283,7 +304,8 @@ def _say(message: str, err: bool = False) -> None:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": cmd_train, "ask": cmd_ask, "eval": cmd_eval, "compare": cmd_compare,
-    "curve": cmd_curve, "inspect": cmd_inspect, "merge": cmd_merge, "serve": cmd_serve}
+    "curve": cmd_curve, "inspect": cmd_inspect, "merge": cmd_merge, "export": cmd_export,
+    "serve": cmd_serve}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

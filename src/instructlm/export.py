@@ -1,0 +1,109 @@
+"""`instructlm export`: a run as one GGUF file for llama.cpp, LM Studio and Ollama, with the
+prompt it was taught and the token that ends its answers.
+
+What cannot be exported is refused from the run's config and tokenizer, before the weights
+are loaded. A LoRA run is merged on the way. Files are written beside their place and
+renamed in, so an interrupted export leaves no half file, and an earlier export stays whole.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import InstructlmError
+from .exported_prompt import gguf_chat_template, modelfile
+from .gguf_file import DEFAULT_QUANT, check_exportable, write_gguf
+
+MODELFILE = "Modelfile"
+
+
+@dataclass(frozen=True)
+class Exported:
+    gguf: Path
+    modelfile: Path | None
+    end_token: str | None  # None: the run was trained without one, and will not stop
+
+
+def export(run: str | Path, quant: str = DEFAULT_QUANT, output: str | Path | None = None,
+           ollama: str | Path | None = None, force: bool = False) -> Exported:
+    from .answerer import load_answerer
+    from .runs import is_run, read_run_info
+
+    run = Path(run)
+    if not is_run(run):
+        raise InstructlmError(f"{run} is not a trained run",
+                              hint="export takes a folder written by `instructlm train`")
+    info = read_run_info(run)
+    gguf_path, modelfile_path = _places(run, quant, output, ollama)
+    for path in (gguf_path, modelfile_path):
+        if path is not None and path.exists() and not force:
+            raise InstructlmError(f"{path} exists", hint="use --force to replace it")
+    _check_before_loading(run, info, quant)
+
+    answerer = load_answerer(str(run), device="cpu")  # a LoRA run comes merged
+    model, tokenizer, template = answerer.model, answerer.tokenizer, answerer.template
+    chat_template = gguf_chat_template(template, tokenizer)
+    end_token = (tokenizer.convert_ids_to_tokens(int(tokenizer.eos_token_id))
+                 if info["settings"].get("end_token", True) else None)
+    gguf_path.parent.mkdir(parents=True, exist_ok=True)
+    with _written_beside(gguf_path) as partial:
+        write_gguf(model, tokenizer, chat_template, partial, quant, run.name)
+    if modelfile_path is not None:
+        text = modelfile(os.path.relpath(gguf_path, modelfile_path.parent), template, tokenizer,
+                         end_token, _max_tokens())
+        with _written_beside(modelfile_path) as partial:
+            partial.write_text(text, encoding="utf-8")
+    return Exported(gguf_path, modelfile_path, end_token)
+
+
+def _places(run: Path, quant: str, output: str | Path | None,
+            ollama: str | Path | None) -> tuple[Path, Path | None]:
+    """Where the GGUF (and the Modelfile) go: `--output`, else beside the run, or in the
+    `--ollama` folder."""
+    name = f"{run.name}-{quant}.gguf"
+    if ollama is not None:
+        folder = Path(ollama)
+        return (Path(output) if output else folder / name), folder / MODELFILE
+    if output is not None and not str(output).endswith(".gguf"):
+        raise InstructlmError(f"--output {output}: a GGUF file's name ends in .gguf")
+    return (Path(output) if output else run.with_name(name)), None
+
+
+def _check_before_loading(run: Path, info: dict[str, Any], quant: str) -> None:
+    """Refuse what cannot be exported from the config and tokenizer alone."""
+    from transformers import AutoConfig
+
+    from .adapters import is_adapter_run
+    from .base import load_tokenizer, resolve_base
+
+    trust = info["settings"].get("trust_remote_code", False)
+    source = resolve_base(info["base"]["spec"]) if is_adapter_run(run) else str(run)
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust)
+    check_exportable(config, load_tokenizer(str(run)), quant)
+
+
+class _written_beside:
+    """A path beside `target` to write; renamed onto `target` when the block ends well."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+        self.partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+
+    def __enter__(self) -> Path:
+        return self.partial
+
+    def __exit__(self, kind: Any, *_: Any) -> None:
+        try:
+            if kind is None:
+                os.replace(self.partial, self.target)
+        finally:
+            self.partial.unlink(missing_ok=True)
+
+
+def _max_tokens() -> int:
+    from .answerer import DecodeSettings
+
+    return DecodeSettings().max_new_tokens
