@@ -158,7 +158,7 @@ def test_export_command_writes_the_gguf_and_an_ollama_modelfile(tiny_run, tmp_pa
     assert render_go(template, "Say hello.") == want
     _, _, meta = read_back(gguf)
     rendered = meta["tokenizer.chat_template"]
-    assert "Say hello" not in rendered and "{{ message['content'] }}" in rendered
+    assert "Say hello" not in rendered and "{{ messages[-1]['content'] }}" in rendered
 
 
 def test_a_lora_run_is_merged_on_the_way(tmp_path, tiny_base):

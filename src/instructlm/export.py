@@ -15,6 +15,7 @@ from typing import Any
 
 from .errors import InstructlmError
 from .exported_prompt import gguf_chat_template, modelfile
+from .folders import file_written_beside
 from .gguf_file import DEFAULT_QUANT, check_exportable, write_gguf
 
 MODELFILE = "Modelfile"
@@ -48,13 +49,15 @@ def export(run: str | Path, quant: str = DEFAULT_QUANT, output: str | Path | Non
     chat_template = gguf_chat_template(template, tokenizer)
     end_token = (tokenizer.convert_ids_to_tokens(int(tokenizer.eos_token_id))
                  if info["settings"].get("end_token", True) else None)
+    if modelfile_path is not None:  # made before anything is written: it can be refused
+        source = os.path.relpath(gguf_path, modelfile_path.parent)
+        text = modelfile(source if source.startswith(".") else f"./{source}", template,
+                         tokenizer, end_token, _max_tokens())
     gguf_path.parent.mkdir(parents=True, exist_ok=True)
-    with _written_beside(gguf_path) as partial:
+    with file_written_beside(gguf_path) as partial:
         write_gguf(model, tokenizer, chat_template, partial, quant, run.name)
     if modelfile_path is not None:
-        text = modelfile(os.path.relpath(gguf_path, modelfile_path.parent), template, tokenizer,
-                         end_token, _max_tokens())
-        with _written_beside(modelfile_path) as partial:
+        with file_written_beside(modelfile_path) as partial:
             partial.write_text(text, encoding="utf-8")
     return Exported(gguf_path, modelfile_path, end_token)
 
@@ -63,12 +66,12 @@ def _places(run: Path, quant: str, output: str | Path | None,
             ollama: str | Path | None) -> tuple[Path, Path | None]:
     """Where the GGUF (and the Modelfile) go: `--output`, else beside the run, or in the
     `--ollama` folder."""
+    if output is not None and not str(output).endswith(".gguf"):
+        raise InstructlmError(f"--output {output}: a GGUF file's name ends in .gguf")
     name = f"{run.name}-{quant}.gguf"
     if ollama is not None:
         folder = Path(ollama)
         return (Path(output) if output else folder / name), folder / MODELFILE
-    if output is not None and not str(output).endswith(".gguf"):
-        raise InstructlmError(f"--output {output}: a GGUF file's name ends in .gguf")
     return (Path(output) if output else run.with_name(name)), None
 
 
@@ -83,24 +86,6 @@ def _check_before_loading(run: Path, info: dict[str, Any], quant: str) -> None:
     source = resolve_base(info["base"]["spec"]) if is_adapter_run(run) else str(run)
     config = AutoConfig.from_pretrained(source, trust_remote_code=trust)
     check_exportable(config, load_tokenizer(str(run)), quant)
-
-
-class _written_beside:
-    """A path beside `target` to write; renamed onto `target` when the block ends well."""
-
-    def __init__(self, target: Path) -> None:
-        self.target = target
-        self.partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
-
-    def __enter__(self) -> Path:
-        return self.partial
-
-    def __exit__(self, kind: Any, *_: Any) -> None:
-        try:
-            if kind is None:
-                os.replace(self.partial, self.target)
-        finally:
-            self.partial.unlink(missing_ok=True)
 
 
 def _max_tokens() -> int:

@@ -38,15 +38,15 @@ def prompt_frame(template: Template, tokenizer: Any) -> PromptFrame:
 
 
 def gguf_chat_template(template: Template, tokenizer: Any) -> str:
-    """A Jinja chat template that renders the run's prompt from the last user message."""
+    """A Jinja chat template that renders the run's prompt for the last message (the user's,
+    when an answer is asked for)."""
     if template.name == "chat":
         return tokenizer.chat_template
     frame = prompt_frame(template, tokenizer)
     # Literal text as Jinja string literals: the block-trimming options that chat template
     # renderers turn on never touch the inside of an expression.
-    return ("{%- set message = messages | selectattr('role', 'equalto', 'user') | list | last -%}"
-            f"{{{{ {_jinja_string(frame.before)} }}}}"
-            "{{ message['content'] }}"
+    return (f"{{{{ {_jinja_string(frame.before)} }}}}"
+            "{{ messages[-1]['content'] }}"
             f"{{{{ {_jinja_string(frame.after)} }}}}")
 
 
@@ -67,13 +67,14 @@ def _go_text(text: str) -> str:
     return text.replace("{{", '{{ "{{" }}')
 
 
-def modelfile(gguf_name: str, template: Template, tokenizer: Any, stop: str | None,
+def modelfile(gguf_path: str, template: Template, tokenizer: Any, stop: str | None,
               max_tokens: int) -> str:
-    """An Ollama Modelfile: the GGUF beside it, the prompt, the end token, greedy answers."""
+    """An Ollama Modelfile: the GGUF (a path from the Modelfile's folder), the prompt, the
+    end token, greedy answers."""
     text = ollama_template(template, tokenizer)
     if '"""' in text:
         raise InstructlmError('the prompt holds """, which an Ollama Modelfile cannot quote')
-    lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{text}"""']
+    lines = [f"FROM {gguf_path}", f'TEMPLATE """{text}"""']
     if stop:
         lines.append(f"PARAMETER stop {_quoted(stop)}")
     # Greedy, as `instructlm ask` answers by default; Ollama's own defaults sample and

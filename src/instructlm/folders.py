@@ -1,6 +1,6 @@
-"""Folders written beside their place, then renamed into it: runs, checkpoints and the
-converted embedded model. A killed process never leaves a folder that looks whole, and
-what was there before stays whole until the new folder has taken its place.
+"""Folders (and files) written beside their place, then renamed into it: runs, checkpoints,
+the converted embedded model, exports. A killed process never leaves a folder that looks
+whole, and what was there before stays whole until the new one has taken its place.
 
 Beside `NAME` a writer uses `NAME.partial-PID` (being written) and `NAME.old-PID` (the
 folder it replaces, for the moment of the swap), with a leading dot where `hidden`;
@@ -30,6 +30,19 @@ def written_beside(target: Path, hidden: bool) -> Iterator[Path]:
         swap_into_place(partial, target, target.with_name(f"{dot}{target.name}.old-{pid}"))
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+
+
+@contextmanager
+def file_written_beside(target: Path) -> Iterator[Path]:
+    """Yield a path beside `target` (`.NAME.partial-PID`) to write one file to; when the
+    block ends without an error, it replaces `target` in one rename. It is removed in any
+    case."""
+    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    try:
+        yield partial
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def swap_into_place(new: Path, target: Path, aside: Path) -> None:
