@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -176,7 +177,8 @@ def test_a_lora_run_is_merged_on_the_way(tmp_path, tiny_base):
     assert (logits(model, ids) - want).abs().max() <= 2e-3 * want.abs().max()
 
 
-def test_what_cannot_be_exported_is_refused_before_any_work(tiny_run, tmp_path, capsys):
+def test_what_cannot_be_exported_is_refused_before_any_work(tiny_run, tmp_path, capsys,
+                                                            monkeypatch):
     assert main(["export", str(tmp_path)]) == 2
     assert "is not a trained run" in capsys.readouterr().err
     assert main(["export", str(tiny_run), "--output", str(tmp_path / "x.bin")]) == 2
@@ -194,4 +196,7 @@ def test_what_cannot_be_exported_is_refused_before_any_work(tiny_run, tmp_path, 
     (other / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
     assert main(["export", str(other)]) == 2  # no weights there: refused before loading them
     assert "does not support 'gpt2' models yet" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as where it is not installed
+    assert main(["export", str(tiny_run), "--quant", "q4_k_m", "-o", str(tmp_path / "q.gguf")]) == 2
+    assert "pip install llama-cpp-python" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir() if "gguf" in p.name) == ["taken.gguf"]

@@ -17,7 +17,7 @@ from .architectures import ARCHITECTURES, UNKNOWN
 from .errors import InstructlmError
 
 QUANTS = ("f16", "q8_0", "q4_k_m")
-DEFAULT_QUANT = "q8_0"  # pure Python, about half of f16's size, answers as f16 does
+DEFAULT_QUANT = "q8_0"  # written in pure Python, about half of f16's size, near its answers
 
 # llama.cpp splits text into words with the pre-tokenizer it knows by name; it must split as
 # the run's tokenizer does, or the model would be asked in tokens it was not trained on.
