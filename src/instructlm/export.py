@@ -30,7 +30,7 @@ class Exported:
 
 def export(run: str | Path, quant: str = DEFAULT_QUANT, output: str | Path | None = None,
            ollama: str | Path | None = None, force: bool = False) -> Exported:
-    from .answerer import load_answerer
+    from .answerer import DecodeSettings, load_answerer
     from .runs import is_run, read_run_info
 
     run = Path(run)
@@ -52,7 +52,7 @@ def export(run: str | Path, quant: str = DEFAULT_QUANT, output: str | Path | Non
     if modelfile_path is not None:  # made before anything is written: it can be refused
         source = os.path.relpath(gguf_path, modelfile_path.parent)
         text = modelfile(source if source.startswith(".") else f"./{source}", template,
-                         tokenizer, end_token, _max_tokens())
+                         tokenizer, end_token, DecodeSettings().max_new_tokens)
     gguf_path.parent.mkdir(parents=True, exist_ok=True)
     with file_written_beside(gguf_path) as partial:
         write_gguf(model, tokenizer, chat_template, partial, quant, run.name)
@@ -87,8 +87,3 @@ def _check_before_loading(run: Path, info: dict[str, Any], quant: str) -> None:
     config = AutoConfig.from_pretrained(source, trust_remote_code=trust)
     check_exportable(config, load_tokenizer(str(run)), quant)
 
-
-def _max_tokens() -> int:
-    from .answerer import DecodeSettings
-
-    return DecodeSettings().max_new_tokens

@@ -230,6 +230,7 @@ def _llama_cpp() -> Any:
         import llama_cpp
     except ImportError:
         raise InstructlmError("--quant q4_k_m needs llama.cpp's quantizer",
-                              hint="pip install llama-cpp-python (it builds llama.cpp: "
-                                   "several minutes), or export f16 or q8_0") from None
+                              hint="pip install llama-cpp-python (it builds llama.cpp from "
+                                   "source: about 20 minutes on 2 cores), or export f16 or "
+                                   "q8_0") from None
     return llama_cpp
