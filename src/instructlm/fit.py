@@ -122,12 +122,11 @@ def _batches(n: int, batch_size: int, epochs: int, seed: int
              ) -> Iterator[tuple[int, int, list[int], bool]]:
     """(step, epoch, example indices, whether it ends its epoch) for every step of a run.
 
-    Random batches. Grouping them by length saved ~10% of the padding work but, as examples
-    of one family have similar lengths, made batches of one family, and the held-out answers
-    got worse (spells.txt, lr 2e-4, 3 seeds: 10/18 vs 17/18 in form). The loss packs each
-    batch into one row without padding instead (see loss.py). Every epoch's order is drawn
-    from one generator, so a resumed run that skips the steps it has done replays the same
-    batches.
+    Random batches: grouping them by length would make batches of one family (its examples
+    have similar lengths), and the held-out answers got worse (docs/benchmarks.md). Each
+    batch is packed into one row without padding instead (batches.py). Every epoch's order
+    is drawn from one generator, so a resumed run that skips the steps it has done replays
+    the same batches.
     """
     import torch
 
@@ -147,8 +146,8 @@ def _ctrl_c_between_steps(active: bool = True) -> Iterator[Callable[[], bool]]:
     pressed.
 
     A KeyboardInterrupt raised anywhere in a step can be lost (Python ignores one raised in
-    a finalizer, and library code may catch it): once, in a test, training went on for a
-    minute after Ctrl-C. The first Ctrl-C only sets a flag, checked after every step; a
+    a finalizer, and library code may catch it), and training would go on. The first Ctrl-C
+    only sets a flag, checked after every step; a
     second one interrupts at once. The caller turns the flag into a KeyboardInterrupt,
     handled like one pressed outside training.
     """
