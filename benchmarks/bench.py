@@ -173,15 +173,15 @@ def significant(x: float) -> float:
 
 
 def bench(file: str, base: str, epochs: int, probe_seconds: float = 1.0,
-          n_gen: int = N_GEN) -> dict[str, Any]:
+          probe_size: int = 2048, n_gen: int = N_GEN) -> dict[str, Any]:
     import torch
 
     from instructlm.base import load_model, resolve_base
     from instructlm.devices import matmul_gflops
     from instructlm.formats import read_instruction_file
 
-    bf16 = matmul_gflops(torch.bfloat16, seconds=probe_seconds)
-    fp32 = matmul_gflops(torch.float32, seconds=probe_seconds)
+    bf16 = matmul_gflops(torch.bfloat16, probe_size, probe_seconds)
+    fp32 = matmul_gflops(torch.float32, probe_size, probe_seconds)
     params = sum(p.numel() for p in load_model(resolve_base(base)).parameters())
     results: dict[str, Any] = {"file": str(file), "epochs": epochs, "parameters": params,
                                "bf16_gflops": round(bf16), "fp32_gflops": round(fp32)}

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 import subprocess
 import sys
-import threading
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from urllib.parse import urlparse
 
 import pytest
 from conftest import post, running_server
@@ -256,7 +252,7 @@ def test_schemathesis_finds_no_server_error_nor_schema_breach(url, tmp_path):
          "--generation-database", "none", "--no-color"],
         capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-6000:]
-    assert "Selected: 4/4" in result.stdout
+    assert "Selected: 6/6" in result.stdout
 
 
 # --- many clients ---------------------------------------------------------------------------
@@ -277,43 +273,6 @@ def test_concurrent_requests_each_get_their_own_answer(url):
     with ThreadPoolExecutor(len(asked)) as pool:
         results = list(pool.map(ask, range(len(asked))))
     assert results == [(q, expected[q]) for q in asked]
-
-
-class EndlessAnswerer(Answerer):
-    """Writes until asked to stop, so the test sees whether a disconnect stops decoding."""
-
-    def __init__(self, real: Answerer) -> None:
-        super().__init__(real.model, real.tokenizer, real.template, real.name)
-        self.stopped = threading.Event()
-
-    def answer_streaming(self, item, decode, on_text, should_stop=None):
-        from instructlm.answerer import Answer
-
-        for n in range(100_000):
-            if should_stop():
-                self.stopped.set()
-                return Answer(str(item), "", "stop", n)
-            on_text("word ")
-            time.sleep(0.005)
-        raise AssertionError("decoding was never asked to stop")
-
-
-def test_a_client_leaving_mid_stream_stops_decoding_and_the_server_goes_on(models):
-    endless = EndlessAnswerer(models["facts"])
-    app = create_app({"facts": endless, "real": models["facts"]}, LIMITS)
-    with running_server(app) as url:
-        address = urlparse(url)
-        connection = http.client.HTTPConnection(address.hostname, address.port, timeout=30)
-        connection.request("POST", "/v1/chat/completions", json.dumps(
-            {"model": "facts", "stream": True, "messages": [{"role": "user", "content": "Go"}]}),
-            {"Content-Type": "application/json"})
-        response = connection.getresponse()
-        assert response.status == 200
-        assert response.readline().startswith(b"data: ")
-        connection.close()  # the client goes away mid-stream
-        assert endless.stopped.wait(timeout=10)
-        status, reply = post(url, "/v1/completions", {"model": "real", "prompt": "Say hello."})
-        assert status == 200 and reply["choices"][0]["text"] == "Hello!"
 
 
 # --- the command ----------------------------------------------------------------------------

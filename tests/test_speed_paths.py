@@ -191,7 +191,9 @@ def test_benchmark_runs_on_the_tiny_model(tiny_base, tmp_path):
     data.write_text("Say hello.#Hello!\nName three fruits.#Apple, banana, cherry\n"
                     "Tell me a spell.#Hocus Pocus!\n# _EVAL_\nSay hi.#Hello!\n",
                     encoding="utf-8")
-    results = bench.bench(str(data), str(tiny_base), epochs=1, probe_seconds=0.05, n_gen=4)
+    # A small probe: where bf16 has no hardware support, one 2048-wide bf16 matmul takes ~25 s.
+    results = bench.bench(str(data), str(tiny_base), epochs=1, probe_seconds=0.05,
+                          probe_size=128, n_gen=4)
     for key in ("speedup", "tokens_per_s", "bound_fraction", "peak_rss_mb", "gen_speedup",
                 "first_answer_s"):
         assert results[key] > 0, key

@@ -115,7 +115,6 @@ class Answerer:
         """Answers to `examples` in their order, each as soon as it and those before it are
         done (with `generate`: all at the end)."""
         import torch
-        from transformers import GenerationConfig
 
         tok = self.tokenizer
         prompts = [self.prompt_ids(ex) for ex in examples]
@@ -125,7 +124,7 @@ class Answerer:
         for row, p in enumerate(prompts):  # left padding: every prompt ends at the same column
             ids[row, width - len(p):] = torch.tensor(p)
             mask[row, width - len(p):] = 1
-        eos_ids = self._end_ids()
+        eos_ids = self.end_ids()
         if decode.sample:
             torch.manual_seed(decode.seed)
         device = self.model.device
@@ -148,35 +147,52 @@ class Answerer:
                     should_stop=should_stop):
                 ready[row] = tokens
                 while given in ready:
-                    yield self._finish(examples[given], ready.pop(given), eos_ids, decode)
+                    yield self.finish(examples[given], ready.pop(given), eos_ids, decode)
                     given += 1
             if streamer:
                 streamer.end()
             return
+        out = self._generate(ids.to(device), mask.to(device), decode, streamer, should_stop)
+        for ex, row in zip(examples, out, strict=True):
+            yield self.finish(ex, row[width:].tolist(), eos_ids, decode)
+
+    def generate_tokens(self, prompt: list[int], decode: DecodeSettings, streamer: Any,
+                        should_stop: Callable[[], bool] | None = None) -> None:
+        """One prompt's answer by `generate`, its tokens handed to `streamer` as they come
+        (for families that cannot decode in the faster loop)."""
+        import torch
+
+        ids = torch.tensor([prompt], device=self.model.device)
+        if decode.sample:
+            torch.manual_seed(decode.seed)
+        self._generate(ids, torch.ones_like(ids), decode, streamer, should_stop)
+
+    def _generate(self, ids: Any, mask: Any, decode: DecodeSettings, streamer: Any,
+                  should_stop: Callable[[], bool] | None) -> Any:
+        import torch
+        from transformers import GenerationConfig
+
         config = GenerationConfig(
             max_new_tokens=decode.max_new_tokens, num_beams=decode.beams,
             do_sample=decode.sample,
             temperature=decode.temperature if decode.sample else None,
             top_p=decode.top_p if decode.sample else None, top_k=None,
             no_repeat_ngram_size=decode.no_repeat_ngram or None,
-            eos_token_id=eos_ids, pad_token_id=tok.pad_token_id,
+            eos_token_id=self.end_ids(), pad_token_id=self.tokenizer.pad_token_id,
             stop_strings=list(decode.stop) or None)
         with torch.inference_mode():
-            out = self.model.generate(input_ids=ids.to(device),
-                                      attention_mask=mask.to(device),
-                                      generation_config=config, streamer=streamer,
-                                      stopping_criteria=_asked(should_stop),
-                                      tokenizer=tok if decode.stop else None)
-        for ex, row in zip(examples, out, strict=True):
-            yield self._finish(ex, row[width:].tolist(), eos_ids, decode)
+            return self.model.generate(input_ids=ids, attention_mask=mask,
+                                       generation_config=config, streamer=streamer,
+                                       stopping_criteria=_asked(should_stop),
+                                       tokenizer=self.tokenizer if decode.stop else None)
 
-    def _end_ids(self) -> list[int]:
+    def end_ids(self) -> list[int]:
         ids = {self.tokenizer.eos_token_id}
         configured = getattr(self.model.generation_config, "eos_token_id", None)
         ids.update(configured if isinstance(configured, list) else [configured])
         return sorted(i for i in ids if i is not None)
 
-    def _finish(self, ex: Example, tokens: list[int], eos_ids: list[int],
+    def finish(self, ex: Example, tokens: list[int], eos_ids: list[int],
                 decode: DecodeSettings) -> Answer:
         end = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
         reason = "stop" if end is not None else "length"

@@ -201,6 +201,15 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]
     p.add_argument("--max-prompt-tokens", type=int, default=served.max_prompt_tokens,
                    help=f"longest prompt accepted, in tokens (default "
                         f"{served.max_prompt_tokens})")
+    p.add_argument("--max-batch", type=int, default=served.max_batch,
+                   help=f"answers decoded together, from all requests (default "
+                        f"{served.max_batch})")
+    p.add_argument("--max-queue", type=int, default=served.max_queue,
+                   help=f"requests waiting for a place in the batch; more are answered 429 "
+                        f"(default {served.max_queue})")
+    p.add_argument("--queue-timeout", type=float, default=served.queue_timeout_s,
+                   metavar="SECONDS", help=f"a request waiting longer for a place is answered "
+                                           f"503 (default {served.queue_timeout_s:g})")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow a hub model to run its own Python code")
     _add_device(p)

@@ -10,15 +10,16 @@ import asyncio
 import json
 import secrets
 import socket
-import threading
 import time
 import uuid
 from importlib import resources
 from typing import Any, AsyncIterator, Callable
 
+from contextlib import asynccontextmanager
+
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
@@ -28,9 +29,10 @@ from ..errors import InstructlmError
 from ..formats import Example
 from . import schema as api
 from .body_limit import BodyLimit
-from .planner import Models, Plan, chat_example, completion_examples
+from .metrics import CountRequests, Metrics
+from .planner import Answering, Models, Plan, chat_example, completion_examples
 from .schema import ApiError
-from .settings import ServeSettings
+from .settings import SHUTDOWN_GRACE_S, ServeSettings
 
 
 def error_response(status: int, message: str, kind: str = "invalid_request_error",
@@ -42,16 +44,26 @@ def error_response(status: int, message: str, kind: str = "invalid_request_error
 # --- the application ------------------------------------------------------------------------
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": api.ErrorBody} for status in (400, 401, 404, 408, 413)}
+    status: {"model": api.ErrorBody} for status in (400, 401, 404, 408, 413, 429, 503)}
 STREAM = {200: {"content": {"text/event-stream": {}}}}
 
 
 def create_app(models: dict[str, Answerer], settings: ServeSettings = ServeSettings()) -> FastAPI:
     """The HTTP application serving `models`; the first one is the default model."""
-    served = Models(models, settings.max_tokens, settings.max_prompt_tokens)
-    app = FastAPI(title="instructlm", version=__version__, docs_url=None, redoc_url=None)
+    metrics = Metrics()
+    served = Models(models, settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        served.close()  # the decoding loops end with the server
+
+    app = FastAPI(title="instructlm", version=__version__, docs_url=None, redoc_url=None,
+                  lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=api.MAX_BODY_BYTES,
                        timeout_s=settings.body_timeout_s)
+    app.add_middleware(CountRequests, metrics=metrics)  # outermost: it sees every status
+    app.state.served = served
     _add_error_handlers(app)
 
     def check_key(request: Request) -> None:
@@ -80,16 +92,19 @@ def create_app(models: dict[str, Answerer], settings: ServeSettings = ServeSetti
 
     async def answer(request: api.Sampling, examples: list[Example], param: str,
                      chunks: Any, whole: Any, client: Request) -> Any:
-        """Check the request, then answer it as a stream of events or in one response."""
+        """Check the request, queue its answers, then answer as a stream of events (once
+        every answer has its place in the batch) or in one response."""
         plan = await run_in_threadpool(served.plan, request, examples, param)
-        if request.stream:
-            return _event_stream(chunks(served, plan, request))
-        gone = threading.Event()  # the client hung up: stop decoding for it
-        watch = asyncio.create_task(_watch_disconnect(client, gone))
+        answering = served.start(plan, request.stream)
+        watch = asyncio.create_task(_watch_disconnect(client, answering))
         try:
-            answers = await run_in_threadpool(served.answer_all, plan, gone.is_set)
+            if request.stream:
+                await answering.until_placed()
+                return _event_stream(chunks(served, answering, request))
+            answers = await answering.whole()
         finally:
             watch.cancel()
+        served.answered(answering)
         return whole(plan, answers)
 
     @v1.post("/completions", response_model=api.Completion, responses=STREAM)
@@ -110,15 +125,29 @@ def create_app(models: dict[str, Answerer], settings: ServeSettings = ServeSetti
     async def playground() -> HTMLResponse:
         return HTMLResponse(_playground_page(served, settings))
 
+    @app.get("/health", response_model=api.Health)
+    async def health() -> api.Health:
+        """200 while the server runs, at once even while the models are busy; no key needed,
+        and nothing told."""
+        return api.Health(status="ok")
+
+    @app.get("/metrics", dependencies=[Depends(check_key)], response_class=Response,
+             responses={200: {"content": {"text/plain": {}}}, 401: {"model": api.ErrorBody}})
+    async def prometheus_metrics() -> Response:
+        """Requests, tokens, queue depth, batch size and latencies, as Prometheus reads
+        them."""
+        body, media_type = metrics.text()
+        return Response(body, media_type=media_type)
+
     app.include_router(v1)
     return app
 
 
-async def _watch_disconnect(client: Request, gone: threading.Event) -> None:
-    """Set `gone` once the client has hung up (checked every 0.1 s)."""
+async def _watch_disconnect(client: Request, answering: Answering) -> None:
+    """Cancel the request's answers once its client has hung up (checked every 0.1 s)."""
     while not await client.is_disconnected():
         await asyncio.sleep(0.1)
-    gone.set()
+    answering.cancel()
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -127,7 +156,9 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError) -> JSONResponse:
-        return error_response(err.status, str(err), err.kind, err.param, err.code)
+        response = error_response(err.status, str(err), err.kind, err.param, err.code)
+        response.headers.update(err.headers)
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
@@ -217,13 +248,13 @@ async def _guarded(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
     yield "data: [DONE]\n\n"
 
 
-def _chunks(served: Models, plan: Plan, request: api.Sampling, prefix: str,
+def _chunks(served: Models, answering: Answering, request: api.Sampling, prefix: str,
             envelope: Callable[..., Any], choices_of: Callable[[Any, bool], list[Any]]
             ) -> AsyncIterator[str]:
     """A streamed answer as server-sent events: each piece of text becomes chunks
     (`choices_of(piece, first of its choice)` gives their choices, one list a chunk), then
     the usage if the client asked for it."""
-    cid, created = _new_id(prefix), int(time.time())
+    cid, created, plan = _new_id(prefix), int(time.time()), answering.plan
 
     def chunk(choices: list[Any], usage: api.Usage | None = None) -> str:
         return _sse(envelope(id=cid, created=created, model=plan.model, choices=choices,
@@ -231,12 +262,13 @@ def _chunks(served: Models, plan: Plan, request: api.Sampling, prefix: str,
 
     async def chunks() -> AsyncIterator[str]:
         new_tokens, opened = 0, set()
-        async for piece in served.stream(plan):
+        async for piece in answering.pieces():
             new_tokens += piece.new_tokens
             first = piece.job.index not in opened
             opened.add(piece.job.index)
             for choices in choices_of(piece, first):
                 yield chunk(choices)
+        served.answered(answering)
         if request.stream_options and request.stream_options.include_usage:
             yield chunk([], _usage(plan, new_tokens))
 
@@ -262,12 +294,15 @@ def _chat_choices(piece: Any, first: bool) -> list[list[api.ChunkChoice]]:
     return out
 
 
-def _completion_chunks(served: Models, plan: Plan, request: api.Sampling) -> AsyncIterator[str]:
-    return _chunks(served, plan, request, "cmpl", api.Completion, _completion_choices)
+def _completion_chunks(served: Models, answering: Answering,
+                       request: api.Sampling) -> AsyncIterator[str]:
+    return _chunks(served, answering, request, "cmpl", api.Completion, _completion_choices)
 
 
-def _chat_chunks(served: Models, plan: Plan, request: api.Sampling) -> AsyncIterator[str]:
-    return _chunks(served, plan, request, "chatcmpl", api.ChatCompletionChunk, _chat_choices)
+def _chat_chunks(served: Models, answering: Answering,
+                 request: api.Sampling) -> AsyncIterator[str]:
+    return _chunks(served, answering, request, "chatcmpl", api.ChatCompletionChunk,
+                   _chat_choices)
 
 
 # --- the web page ---------------------------------------------------------------------------
@@ -324,5 +359,5 @@ def listen(host: str, port: int) -> socket.socket:
 def run_server(app: FastAPI, sock: socket.socket) -> None:
     import uvicorn
 
-    config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=2)
+    config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
     uvicorn.Server(config).run(sockets=[sock])

@@ -1,33 +1,39 @@
 """The served models: a request checked into a plan, then answered whole or streamed.
 
-One model call runs at a time (a lock): answers cannot mix, and two decodings would only
-share the same CPU cores. A streamed answer is decoded in a worker thread that hands its
-text over as it comes; when the client goes away, decoding stops at the next token.
+Each job of a plan (a prompt and choice) becomes a row of its model's decoding loop
+(batcher.py), where it decodes together with every other request's rows. What the loop
+tells a row comes back here: text for a stream, the tokens of a whole answer, and refusals
+(a full queue, a wait past the queue timeout) as errors in OpenAI's shape.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import secrets
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator
 
 from ..answerer import MIN_TEMPERATURE, Answer, Answerer, DecodeSettings
 from ..errors import InstructlmError
 from ..formats import Example
 from ..textcut import TextCutter
 from . import schema as api
+from .batcher import Batcher, QueueFull, QueueTimeout, Row
+from .metrics import Metrics
 from .schema import ApiError
+from .settings import ServeSettings
 
 
 @dataclass(frozen=True)
 class Job:
-    """One answer to produce: its choice index and what is asked."""
+    """One answer to produce: its choice index, what is asked, and its prompt's tokens."""
 
     index: int
     example: Example
+    prompt: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -52,17 +58,28 @@ class Piece:
 
 
 class Models:
-    """The served models (the first is the default), the limits on what a request may ask
-    (`max_tokens` is also the default), and the one model lock."""
+    """The served models (the first is the default), each with its decoding loop, and the
+    limits on what a request may ask (`max_tokens` is also the default)."""
 
-    def __init__(self, models: dict[str, Answerer], max_tokens: int,
-                 max_prompt_tokens: int) -> None:
+    def __init__(self, models: dict[str, Answerer], settings: ServeSettings = ServeSettings(),
+                 metrics: Metrics | None = None) -> None:
         self.models = models
         self.default = next(iter(models))
-        self.max_tokens = max_tokens
-        self.max_prompt_tokens = max_prompt_tokens
-        self.lock = threading.Lock()
+        self.max_tokens = settings.max_tokens
+        self.max_prompt_tokens = settings.max_prompt_tokens
+        self.metrics = metrics
+        lock = threading.Lock()  # one model call at a time: they would share the same cores
+        self.batchers = {
+            name: Batcher(answerer, settings.max_batch, settings.max_queue,
+                          settings.queue_timeout_s, lock,
+                          metrics.observer(name) if metrics else None)
+            for name, answerer in models.items()}
         self.created = int(time.time())
+        self.requests = itertools.count()
+
+    def close(self) -> None:
+        for batcher in self.batchers.values():
+            batcher.close()
 
     def cards(self) -> list[api.ModelCard]:
         return [api.ModelCard(id=name, created=self.created) for name in self.models]
@@ -73,8 +90,8 @@ class Models:
             raise ApiError(404, f"The model '{name}' does not exist; this server has "
                                 f"{', '.join(self.models)}", "model", "model_not_found")
         answerer = self.models[name]
-        lengths = [self._prompt_length(answerer, ex, param) for ex in examples]
-        room = _context_size(answerer) - max(lengths)
+        prompts = [self._prompt(answerer, ex, param) for ex in examples]
+        room = _context_size(answerer) - max(len(p) for p in prompts)
         limit = min(request.max_tokens or self.max_tokens, self.max_tokens,
                     room)
         if limit < 1:
@@ -88,11 +105,12 @@ class Models:
         decode = DecodeSettings(max_new_tokens=limit, sample=temperature > 0,
                                 temperature=temperature or 1.0, top_p=request.top_p or 1.0,
                                 stop=request.stops(), seed=seed % 2**32)
-        jobs = [Job(i * request.n + j, ex) for i, ex in enumerate(examples)
+        jobs = [Job(i * request.n + j, ex, tuple(prompt))
+                for i, (ex, prompt) in enumerate(zip(examples, prompts, strict=True))
                 for j in range(request.n)]
-        return Plan(name, answerer, jobs, decode, sum(lengths))
+        return Plan(name, answerer, jobs, decode, sum(len(p) for p in prompts))
 
-    def _prompt_length(self, answerer: Answerer, example: Example, param: str) -> int:
+    def _prompt(self, answerer: Answerer, example: Example, param: str) -> list[int]:
         limit = self.max_prompt_tokens
         too_long = ApiError(400, f"the prompt is longer than this server accepts ({limit} "
                                  "tokens, set by serve --max-prompt-tokens)", param,
@@ -101,70 +119,177 @@ class Models:
         if len(text) > 16 * limit:  # refused before spending time tokenizing it
             raise too_long
         try:
-            n = len(answerer.prompt_ids(example))
+            ids = answerer.prompt_ids(example)
         except InstructlmError as err:
             raise ApiError(400, err.message, param) from None
         except Exception as err:  # the tokenizer's chat template refused the messages
             raise ApiError(400, f"the model's chat template refused the messages: {err}",
                            param) from None
-        if n > limit:
+        if len(ids) > limit:
             raise too_long
-        return n
+        return ids
 
-    def answer_all(self, plan: Plan, gone: Callable[[], bool] = lambda: False) -> list[Answer]:
-        """Every job's answer, decoded together; ended early (and the answers thrown away by
-        the caller) once `gone()` says the client has left."""
-        with self.lock:
-            if gone():  # it left while waiting for the model
-                return []
-            return list(plan.answerer.answer([job.example for job in plan.jobs], plan.decode,
-                                             batch_size=len(plan.jobs), should_stop=gone))
-
-    async def stream(self, plan: Plan) -> AsyncIterator[Piece]:
-        """Pieces of text as they are decoded, job after job, in order."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Piece | BaseException | None] = asyncio.Queue()
-        gone = threading.Event()
-
-        def put(item: Piece | BaseException | None) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-
-        def work() -> None:
-            try:
-                with self.lock:
-                    for job in plan.jobs:
-                        if gone.is_set():
-                            return
-                        self._stream_job(plan, job, put, gone)
-            except Exception as err:  # reported in the stream, not lost in a thread
-                put(err)
-            finally:
-                put(None)
-
-        threading.Thread(target=work, daemon=True).start()
+    def start(self, plan: Plan, stream: bool) -> "Answering":
+        """Queue the plan's rows in its model's decoding loop, or refuse them at once (429)
+        when the queue is full."""
+        batcher = self.batchers[plan.model]
+        answering = Answering(plan, asyncio.get_running_loop(), stream)
+        request = next(self.requests)
+        # Stop texts are cut here, by the same rule for streamed and whole answers; each
+        # choice gets its own seed so that sampled choices differ.
+        rows = [Row(list(job.prompt), job.example,
+                    replace(plan.decode, stop=(), seed=(plan.decode.seed + job.index) % 2**32),
+                    answering, request) for job in plan.jobs]
+        answering.rows = rows
         try:
-            while (item := await queue.get()) is not None:
+            batcher.submit(rows)
+        except QueueFull as full:
+            raise ApiError(429, f"the server is busy: {batcher.max_queue} requests are "
+                                "waiting for the model already (serve --max-queue); try again "
+                                f"in {full.retry_after} s", code="queue_full",
+                           kind="rate_limit_error",
+                           headers={"Retry-After": str(full.retry_after)}) from None
+        return answering
+
+    def answered(self, answering: "Answering") -> None:
+        """Record a finished request's time to its first token and its whole time."""
+        if self.metrics is None:
+            return
+        firsts = [r.first_token for r in answering.rows if r.first_token is not None]
+        self.metrics.answered(answering.plan.model,
+                              min(firsts) - answering.started if firsts else None,
+                              time.monotonic() - answering.started)
+
+
+class Answering:
+    """One request's rows in a decoding loop, heard from that loop's thread and handed over
+    to the request's coroutine: pieces of text as they come, each row's end, and errors."""
+
+    def __init__(self, plan: Plan, loop: asyncio.AbstractEventLoop, stream: bool) -> None:
+        self.plan = plan
+        self.loop = loop
+        self.stream = stream
+        self.started = time.monotonic()
+        self.rows: list[Row] = []
+        self.events: asyncio.Queue[Piece | BaseException | None] = asyncio.Queue()
+        self.placed = asyncio.Event()  # every row is in the batch (or has ended)
+        self.placed_rows: set[int] = set()
+        self.refused: BaseException | None = None  # before every row was placed
+        self.texts: dict[int, _RowText] = {}
+        self.going = len(plan.jobs)  # rows not yet ended
+
+    def cancel(self) -> None:
+        for row in self.rows:
+            row.cancel()
+
+    # --- heard in the decoding thread ---
+
+    def admitted(self, row: Row) -> None:
+        self._place(row)
+
+    def token(self, row: Row, token: int) -> bool:
+        if not (self.stream or self.plan.decode.stop):
+            return False
+        text = self.texts.setdefault(id(row), _RowText(self.plan.answerer.tokenizer,
+                                                       self.plan.decode.stop))
+        piece = text.feed(token)
+        if piece and self.stream:
+            self._put(Piece(self._job(row), piece))
+        return text.cutter.stopped
+
+    def ended(self, row: Row) -> None:
+        if row.error is not None:
+            if len(self.placed_rows) < len(self.plan.jobs):
+                self.refused = self.refused or row.error
+            self._put(row.error)
+        elif self.stream and row.finish_reason != "cancelled":
+            text = self.texts.get(id(row)) or _RowText(self.plan.answerer.tokenizer,
+                                                       self.plan.decode.stop)
+            answer = self.plan.answerer.finish(row.example, row.tokens,
+                                               self.plan.answerer.end_ids(), self.plan.decode)
+            self._put(Piece(self._job(row), text.finish(),
+                            "stop" if text.cutter.stopped else answer.finish_reason,
+                            answer.new_tokens))
+        self._place(row)  # (a row that ended waiting: placed nowhere, but no longer waiting)
+        self.going -= 1
+        if not self.going:
+            self._put(None)
+
+    def _place(self, row: Row) -> None:
+        if id(row) in self.placed_rows:
+            return
+        self.placed_rows.add(id(row))
+        if len(self.placed_rows) == len(self.plan.jobs):
+            self.loop.call_soon_threadsafe(self.placed.set)
+
+    def _put(self, item: Piece | BaseException | None) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+
+    def _job(self, row: Row) -> Job:
+        return self.plan.jobs[self.rows.index(row)]
+
+    # --- in the request's coroutine ---
+
+    async def until_placed(self) -> None:
+        """Wait until every row is decoding; a wait past the queue timeout is a 503."""
+        await self.placed.wait()
+        if self.refused is not None:
+            self.cancel()
+            _raise(self.refused)
+
+    async def whole(self) -> list[Answer]:
+        """Every job's answer, in the plan's order, once all have ended."""
+        while (item := await self.events.get()) is not None:
+            if isinstance(item, BaseException):
+                self.cancel()
+                _raise(item)
+        return [self.plan.answerer.finish(row.example, row.tokens,
+                                          self.plan.answerer.end_ids(), self.plan.decode)
+                for row in self.rows]
+
+    async def pieces(self) -> AsyncIterator[Piece]:
+        """Pieces of text as they are decoded; the rows are cancelled if the stream is left
+        unfinished (the client went away)."""
+        try:
+            while (item := await self.events.get()) is not None:
                 if isinstance(item, BaseException):
-                    raise item
+                    _raise(item)
                 yield item
         finally:
-            gone.set()  # the client went away, or the stream ended: stop decoding
+            self.cancel()
 
-    @staticmethod
-    def _stream_job(plan: Plan, job: Job, put: Any, gone: threading.Event) -> None:
-        cutter = TextCutter(plan.decode.stop)
 
-        def on_text(text: str) -> None:
-            if piece := cutter.feed(text):
-                put(Piece(job, piece))
+def _raise(error: BaseException) -> None:
+    if isinstance(error, QueueTimeout):
+        raise ApiError(503, f"the server is busy: this request {error} for a place in the "
+                            "decoding batch (serve --queue-timeout); try again later",
+                       code="queue_timeout", kind="server_error",
+                       headers={"Retry-After": "5"}) from None
+    raise error
 
-        # Stop texts are cut here, where streamed text can be held back; each choice gets
-        # its own seed so that sampled choices differ.
-        decode = replace(plan.decode, stop=(), seed=(plan.decode.seed + job.index) % 2**32)
-        answer = plan.answerer.answer_streaming(
-            job.example, decode, on_text, should_stop=lambda: gone.is_set() or cutter.stopped)
-        put(Piece(job, cutter.finish(), "stop" if cutter.stopped else answer.finish_reason,
-                  answer.new_tokens))
+
+class _RowText:
+    """One row's answer as text, token by token: what can be shown so far, held back
+    where a character is still incomplete or a stop text may begin."""
+
+    def __init__(self, tokenizer: Any, stops: tuple[str, ...]) -> None:
+        self.tokenizer = tokenizer
+        self.cutter = TextCutter(stops)
+        self.tokens: list[int] = []
+        self.shown = 0  # characters of the decoded text handed to the cutter
+
+    def feed(self, token: int) -> str:
+        self.tokens.append(token)
+        # The whole answer is decoded again: a token's text can depend on those before it.
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # a character split across tokens: wait for the rest
+            return ""
+        new, self.shown = text[self.shown:], len(text)
+        return self.cutter.feed(new)
+
+    def finish(self) -> str:
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        return self.cutter.feed(text[self.shown:]) + self.cutter.finish()
 
 
 def _context_size(answerer: Answerer) -> int:

@@ -41,9 +41,11 @@ class ApiError(Exception):
     """A request the server refuses, answered in OpenAI's error shape."""
 
     def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None, kind: str = "invalid_request_error") -> None:
+                 code: str | None = None, kind: str = "invalid_request_error",
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.param, self.code, self.kind = status, param, code, kind
+        self.headers = headers or {}  # such as Retry-After
 
 
 StopText = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
@@ -201,3 +203,7 @@ class ErrorBody(BaseModel):
 
 
 Sampling.model_rebuild()
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
