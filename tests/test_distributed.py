@@ -1,5 +1,5 @@
-"""Two processes (torchrun, gloo on the CPU), with DDP or FSDP, train like one with the same
-global batch."""
+"""Two processes (`accelerate launch` with the shipped configs, gloo on the CPU), with DDP or
+FSDP, train like one with the same global batch."""
 
 from __future__ import annotations
 
@@ -34,15 +34,17 @@ def eval_losses(run: Path) -> list[float]:
     return [r["eval_loss"] for r in records(run) if "eval_loss" in r]
 
 
-def torchrun(*args: str, cwd: Path, fsdp: bool = False) -> subprocess.CompletedProcess:
-    """Two gloo processes on this CPU; with `fsdp`, as `accelerate launch` starts them for
-    examples/accelerate/fsdp.yaml."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if fsdp:
-        env.update(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2")
-    command = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env,
-                          cwd=cwd)
+CONFIGS = Path(__file__).resolve().parent.parent / "examples" / "accelerate"
+
+
+def launch(*args: str, cwd: Path, fsdp: bool = False) -> subprocess.CompletedProcess:
+    """Two gloo processes on this CPU, started by `accelerate launch` with the shipped
+    config a user would use: examples/accelerate/multi_gpu.yaml, or with `fsdp` fsdp.yaml."""
+    config = CONFIGS / ("fsdp.yaml" if fsdp else "multi_gpu.yaml")
+    command = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
+               str(config), "--num_processes", "2", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=cwd,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def flags(base: Path, lr: float, precision: str, lora: bool, dropout: float = 0.0) -> list[str]:
@@ -63,7 +65,7 @@ def test_two_processes_give_the_loss_curve_of_one(tmp_path, tiny_base, write, fs
                              lora_dropout=0.0, warmup_ratio=0.1,  # the command's default
                              precision=precision)  # not left to a timing probe
     one = train(data, tmp_path / "one", settings, report=lambda m: None, progress=False)
-    proc = torchrun("-m", "instructlm", "train", str(data), "--output", str(tmp_path / "two"),
+    proc = launch("-m", "instructlm", "train", str(data), "--output", str(tmp_path / "two"),
                     *flags(tiny_base, settings.lr, precision, lora), cwd=tmp_path, fsdp=fsdp)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "in 2 processes" in proc.stdout and ("(FSDP)" in proc.stdout) == fsdp
@@ -88,14 +90,14 @@ def test_a_resumed_multi_process_run_equals_an_uninterrupted_one(tmp_path, tiny_
     data = write("facts.txt", DATA)
     # With dropout, each process draws its own masks, and must draw them again alike.
     args = flags(tiny_base, 1e-2 if lora else 3e-3, "bf16", lora, dropout=0.1)
-    whole = torchrun("-m", "instructlm", "train", str(data), "--output", "whole", *args,
+    whole = launch("-m", "instructlm", "train", str(data), "--output", "whole", *args,
                      cwd=tmp_path, fsdp=fsdp)
     assert whole.returncode == 0, whole.stderr[-3000:]
-    cut = torchrun(str(Path(__file__).with_name("interrupted.py")), "11", "train", str(data),
+    cut = launch(str(Path(__file__).with_name("interrupted.py")), "11", "train", str(data),
                    "--output", "cut", "--save-every", "4", *args, cwd=tmp_path, fsdp=fsdp)
     assert cut.returncode != 0 and not (tmp_path / "cut").exists()
     assert json.loads((tmp_path / "cut.checkpoint" / "state.json").read_text())["done"] == 8
-    again = torchrun("-m", "instructlm", "train", "--resume", "cut", cwd=tmp_path, fsdp=fsdp)
+    again = launch("-m", "instructlm", "train", "--resume", "cut", cwd=tmp_path, fsdp=fsdp)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "Resuming cut from its checkpoint after step 8" in again.stdout
     assert step_losses(tmp_path / "cut") == step_losses(tmp_path / "whole")
@@ -107,11 +109,11 @@ def test_a_resumed_multi_process_run_equals_an_uninterrupted_one(tmp_path, tiny_
 
 def test_fsdp_refuses_fp16_with_a_clear_message(tmp_path, tiny_base, write):
     data = write("facts.txt", DATA)
-    proc = torchrun("-m", "instructlm", "train", str(data), "--output", "fp16",
+    proc = launch("-m", "instructlm", "train", str(data), "--output", "fp16",
                     *flags(tiny_base, 3e-3, "fp16", lora=False), cwd=tmp_path, fsdp=True)
     assert proc.returncode != 0
     assert "error: FSDP trains in bf16 or fp32, not fp16" in proc.stderr
-    # torchrun prints its own traceback on a failed process; instructlm's code none
+    # The launcher prints its own traceback on a failed process; instructlm's code none
     assert 'src/instructlm/' not in proc.stderr and "instructlm/train.py" not in proc.stderr
     assert not (tmp_path / "fp16").exists()
 
@@ -167,7 +169,6 @@ def test_shards_split_each_global_batch_and_weigh_by_response_tokens():
 def test_the_shipped_accelerate_configs_parse(name):
     from accelerate.commands.config.config_args import load_config_from_file
 
-    config = load_config_from_file(str(Path(__file__).parent.parent / "examples" /
-                                       "accelerate" / f"{name}.yaml"))
+    config = load_config_from_file(str(CONFIGS / f"{name}.yaml"))
     assert config.mixed_precision == "no"
     assert config.num_processes >= config.num_machines >= 1
