@@ -277,3 +277,33 @@ def test_the_load_benchmark_runs_on_the_tiny_run(tiny_run):
     assert 200 in results["disconnects"]["statuses"]
     assert results["memory_end"]["peak_rss_mb"] >= results["memory_start"]["rss_mb"] > 0
     serve_load.print_table(results)
+
+
+def test_a_family_that_cannot_join_a_batch_answers_one_at_a_time(tiny_tokenizer):
+    """GPT-2 takes no explicit positions (architectures.py): its rows are answered alone,
+    from the same queue, streamed or whole, as they would be with nobody else asking."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from instructlm.templates import parse_template
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tiny_tokenizer), n_embd=64, n_layer=2,
+                                       n_head=4, n_positions=256,
+                                       eos_token_id=tiny_tokenizer.eos_token_id))
+    with torch.no_grad():
+        for weight in model.parameters():
+            if weight.dim() > 1:
+                weight.normal_(0, 0.3)
+    answerer = Answerer(model, tiny_tokenizer, parse_template("seed-en"), "gpt2")
+    app = create_app({"chat": answerer}, ServeSettings(max_tokens=12, max_prompt_tokens=200))
+    assert app.state.served.batchers["chat"].max_batch == 1
+    with running_server(app) as url:
+        asked = [SHORT, LONG, "Tell me a spell."]
+        alone = [chat(url, text)[0] for text in asked]
+        with ThreadPoolExecutor(3) as pool:
+            assert list(pool.map(lambda text: chat(url, text)[0], asked)) == alone
+        status, _, raw = request(url, "/v1/chat/completions", {
+            "messages": [{"role": "user", "content": LONG}], "stream": True})
+        assert status == 200 and streamed_text(raw) == alone[1]
+    assert len(set(alone)) == 3

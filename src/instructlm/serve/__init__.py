@@ -3,8 +3,11 @@
     settings.py    what the server may be asked (the command line reads its defaults)
     schema.py      OpenAI's request and response shapes, and the limits of one request
     body_limit.py  request bodies bounded in size and time, before FastAPI reads them
-    planner.py     a checked request turned into answers, whole or streamed, one model call
-                   at a time
+    planner.py     a checked request turned into rows of a decoding loop, and their
+                   answers, whole or streamed
+    batcher.py     the decoding loop of a model: rows join and leave between steps
+                   (continuous batching), from a bounded queue
+    metrics.py     what /metrics tells, in Prometheus' format
     app.py         the routes, the API key, errors in OpenAI's shape, server-sent events,
                    the page (playground.html), and starting the server
 

@@ -135,6 +135,9 @@ class Batcher:
                 while not self.closed and not self.waiting and batch is None:
                     self.changed.wait()
                 if self.closed:
+                    for row in list(self.waiting) + (batch.rows if batch else []):
+                        row.error = RuntimeError("the server is shutting down")
+                        self._end(row, None)
                     break
                 ready = self._take_ready(self.max_batch - (len(batch.rows) if batch else 0))
                 self._tell("queue", self.queued_requests())
@@ -244,7 +247,8 @@ class Batcher:
         if row.error is None:
             took = time.monotonic() - row.submitted
             self.seconds_per_request += 0.2 * (took - self.seconds_per_request)
-            self._tell("tokens", len(row.tokens))
+            ended = bool(row.tokens) and row.tokens[-1] in self.end_ids
+            self._tell("tokens", len(row.tokens) - ended)  # as the usage counts them
         row.listener.ended(row)
 
     def _answer_alone(self, row: Row) -> None:
