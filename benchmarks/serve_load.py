@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/serve_load.py RUN [--requests 32] [--clients 1,8,32]
                                                   [--disconnects 100] [--max-tokens 64]
+                                                  [--file FILE]
 
 Starts `instructlm serve RUN` (extra flags after `--`), then sends the same `--requests`
 greedy chat requests (streamed, so that the first token's time is seen) with 1, 8, ...
@@ -39,26 +40,28 @@ def main() -> None:
                                                             "the first is the reference")
     parser.add_argument("--disconnects", type=int, default=100)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--file", help="instructions to ask (default: the run's own file, "
+                                       "else examples/spells.txt)")
     parser.add_argument("--timeout", type=float, default=1200, help="seconds for everything")
     parser.add_argument("flags", nargs="*", help="after --: flags for `instructlm serve`")
     args = parser.parse_args()
     results = load_test(args.run, args.requests, [int(c) for c in args.clients.split(",")],
-                        args.disconnects, args.max_tokens, args.timeout, args.flags)
+                        args.disconnects, args.max_tokens, args.timeout, args.flags, args.file)
     print_table(results)
     print(json.dumps(results))
 
 
-def instructions(run: str, n: int) -> list[str]:
-    """`n` instructions from the run's own file (held-out first), repeated as needed; or
-    a few plain ones for a base model."""
-    info = Path(run) / "instructlm.json"
-    pool: list[str] = []
-    if info.exists():
-        from instructlm.formats import read_instruction_file
+def instructions(run: str, n: int, file: str | None = None) -> list[str]:
+    """`n` instructions from `file`, else the run's own file, else examples/spells.txt
+    (held-out ones first), repeated as needed."""
+    from instructlm.formats import read_instruction_file
 
-        data = read_instruction_file(json.loads(info.read_text())["data"]["file"])
-        pool = [ex.instruction for ex in data.eval + data.train]
-    pool = pool or ["Say hello.", "Name three fruits.", "Tell me a spell."]
+    info = Path(run) / "instructlm.json"
+    if file is None:
+        file = json.loads(info.read_text())["data"]["file"] if info.exists() \
+            else str(ROOT / "examples" / "spells.txt")
+    data = read_instruction_file(file)
+    pool = [ex.instruction for ex in data.eval + data.train]
     return [pool[i % len(pool)] for i in range(n)]
 
 
@@ -137,9 +140,9 @@ def percentile(values: list[float], p: float) -> float:
 
 
 def load_test(run: str, n: int, clients: list[int], disconnects: int, max_tokens: int,
-              timeout: float, flags: list[str]) -> dict[str, Any]:
+              timeout: float, flags: list[str], file: str | None = None) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
-    asked = instructions(run, n)
+    asked = instructions(run, n, file)
     server = Server(run, flags)
     try:
         results: dict[str, Any] = {"run": run, "requests": n, "max_tokens": max_tokens,

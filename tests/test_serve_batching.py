@@ -108,11 +108,30 @@ def test_answers_decoded_together_are_the_answers_each_gets_alone(chat_model, ti
             together = list(pool.map(lambda a: chat(url, a[0], a[1], max_tokens=a[2]), asked))
         metrics = app.state.served.metrics.registry
     assert together == alone
+    # The openings, with and without the system prompt, were computed once and kept.
+    assert len(app.state.served.batchers["chat"].openings) == 2
     assert len({answer for answer, _ in alone}) > len(asked) // 2  # not one answer for all
     steps = metrics.get_sample_value("instructlm_decode_step_rows_count", {"model": "chat"})
     alone_steps = metrics.get_sample_value("instructlm_decode_step_rows_bucket",
                                            {"model": "chat", "le": "1.0"})
     assert steps > alone_steps  # some steps decoded several answers at once
+
+
+def test_the_prompt_opening_is_what_comes_before_the_instruction(chat_model, tiny_models):
+    from instructlm.formats import Example
+
+    for answerer in (chat_model, tiny_models["facts"]):  # chat template, seed-en
+        history = ({"role": "system", "content": "Be brief."},) \
+            if answerer.template.name == "chat" else ()
+        asked = Example("Tell me a spell.", "", history=history)
+        ids = answerer.prompt_ids(asked)
+        opening = answerer.opening_length(asked, ids)
+        other = answerer.prompt_ids(Example("Say hello.", "", history=history))
+        assert 0 < opening < len(ids) and ids[:opening] == other[:opening]
+        rest = answerer.tokenizer.decode(ids[opening:])
+        assert rest.lstrip().startswith("Tell me a spell."), rest
+        if history:
+            assert "Be brief." in answerer.tokenizer.decode(ids[:opening])
 
 
 def test_streamed_and_whole_answers_mix_in_one_batch(chat_model):

@@ -8,7 +8,7 @@ input order, each with why it ended: "stop" (the model ended it, or a stop text 
 from __future__ import annotations
 
 import itertools
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -27,6 +27,9 @@ from .textcut import TextCutter
 # batch costs little more than one answer.
 BATCH_SIZE = 32
 
+
+# Stands for the instruction where the prompt's opening is looked for.
+_MARK = "\x00instruction\x00"
 
 # Below this, sampling is greedy decoding in all but name, and dividing the logits by the
 # temperature overflows (1e-103 gave infinities, then a crash in sampling).
@@ -88,6 +91,23 @@ class Answerer:
         """The token ids the model sees before it answers `example`."""
         return encode_prompt(render_prompt(self.template, example, self.tokenizer),
                              self.tokenizer, self.template)
+
+    def opening_length(self, example: Example, ids: list[int]) -> int:
+        """How many of `ids` (the prompt of `example`) come before its instruction: the same
+        tokens for every instruction asked this way (after the same conversation). 0 where
+        they cannot be told apart (a token that spans both)."""
+        marked = render_prompt(self.template, replace(example, instruction=_MARK),
+                               self.tokenizer)
+        if marked.count(_MARK) != 1:
+            return 0
+        before = marked.split(_MARK)[0]
+        # Without the space before the instruction first: most tokenizers make it part of
+        # the instruction's first word, whichever word that is.
+        for text in dict.fromkeys([before.rstrip(" "), before]):
+            opening = encode_prompt(text, self.tokenizer, self.template)
+            if len(opening) < len(ids) and ids[:len(opening)] == opening:
+                return len(opening)
+        return 0
 
     def answer_streaming(self, item: str | Example, decode: DecodeSettings,
                          on_text: Callable[[str], None],

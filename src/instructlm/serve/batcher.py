@@ -3,7 +3,10 @@ leave between steps.
 
 A request's answers are rows. A row waits in a bounded queue, is prefilled alone (so its
 numbers do not depend on who else is asking) and joins the running batch at the next step:
-its key/value cache and the batch's are left-padded to one width and stacked. Each step
+its key/value cache and the batch's are left-padded to one width and stacked. The prompt's
+opening (the template and conversation before the instruction, the same for many requests)
+is always prefilled apart from the rest, and its keys and values are kept for the next
+prompts that open the same way. Each step
 decodes one token for every row; a row leaves as soon as it ends (end token, token limit,
 stop text, or its client went away), taking its cache rows with it. What a row needs to
 hear (its tokens, its end) it hears through its listener, in this loop's thread.
@@ -17,7 +20,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -25,6 +28,9 @@ from ..answerer import Answerer, DecodeSettings
 from ..architectures import architecture
 from ..base import cache_argument
 from ..formats import Example
+
+
+MAX_OPENINGS = 16  # prompt openings whose keys and values are kept (a few MB each)
 
 
 class QueueFull(Exception):
@@ -52,6 +58,7 @@ class Row:
     """One answer being decoded: what it was asked, and what has happened to it."""
 
     prompt: list[int]
+    opening: int  # the prompt's first tokens, before the instruction (0: none told apart)
     example: Example
     decode: DecodeSettings  # its own seed for sampling
     listener: Listener
@@ -81,7 +88,9 @@ class Batcher:
         self.answerer = answerer
         self.model = answerer.model
         self.batchable = architecture(self.model).positions_and_cache
-        self.max_batch = max_batch if self.batchable and _joinable(self.model) else 1
+        # Caches can be stacked and kept only where every layer keeps every position.
+        self.joinable = self.batchable and _joinable(self.model)
+        self.max_batch = max_batch if self.joinable else 1
         self.max_queue = max_queue
         self.queue_timeout_s = queue_timeout_s
         self.lock = lock
@@ -89,6 +98,7 @@ class Batcher:
         self.end_ids = answerer.end_ids()
         self.waiting: deque[Row] = deque()
         self.decoding = 0  # rows in the batch after the latest step
+        self.openings: OrderedDict[tuple[int, ...], list[tuple[Any, Any]]] = OrderedDict()
         self.changed = threading.Condition()
         self.closed = False
         self.seconds_per_request = 1.0  # a running mean, for Retry-After
@@ -184,15 +194,11 @@ class Batcher:
         if not self.batchable:
             self._answer_alone(row)
             return batch
-        from transformers import DynamicCache
-
         ids = torch.tensor([row.prompt], device=self.model.device)
-        cache = DynamicCache(config=self.model.config)
+        start = row.opening if self.joinable else 0
         with self.lock, torch.inference_mode():
-            logits = self.model(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                position_ids=torch.arange(ids.shape[1], device=ids.device)[None],
-                                use_cache=True, logits_to_keep=1,
-                                **{cache_argument(self.model): cache}).logits[:, -1]
+            cache = self._opening(row.prompt[:start])
+            logits = self._forward(ids[:, start:], start, cache)
         token = self._choose(row, logits[0])
         if self._heard(row, token):
             return batch
@@ -200,6 +206,38 @@ class Batcher:
                         torch.tensor([[ids.shape[1]]], device=ids.device),
                         torch.tensor([token], device=ids.device))
         return single if batch is None else batch.joined(single)
+
+    def _opening(self, opening: list[int]) -> Any:
+        """A cache holding the keys and values of `opening`: kept from an earlier prompt
+        that opened the same way, or computed now (and kept)."""
+        import torch
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        if not opening:
+            return cache
+        key = tuple(opening)
+        if key not in self.openings:
+            self._forward(torch.tensor([opening], device=self.model.device), 0, cache)
+            # Kept as they are: the cache grows by concatenating, never in place.
+            self.openings[key] = [(layer.keys, layer.values) for layer in cache.layers]
+            while len(self.openings) > MAX_OPENINGS:
+                self.openings.popitem(last=False)
+            return cache
+        self.openings.move_to_end(key)
+        for i, (keys, values) in enumerate(self.openings[key]):
+            cache.update(keys, values, i)
+        return cache
+
+    def _forward(self, ids: Any, start: int, cache: Any) -> Any:
+        """The next-token logits after `ids`, which follow `start` cached positions."""
+        import torch
+
+        positions = torch.arange(start, start + ids.shape[1], device=ids.device)[None]
+        mask = torch.ones(1, start + ids.shape[1], dtype=torch.long, device=ids.device)
+        return self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                          use_cache=True, logits_to_keep=1,
+                          **{cache_argument(self.model): cache}).logits[:, -1]
 
     def _step(self, batch: "_Batch") -> "_Batch | None":
         """One token for every row of the batch; the rows that ended leave it."""

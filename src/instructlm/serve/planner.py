@@ -34,6 +34,7 @@ class Job:
     index: int
     example: Example
     prompt: tuple[int, ...] = ()
+    opening: int = 0  # of the prompt's tokens, those before the instruction
 
 
 @dataclass(frozen=True)
@@ -105,8 +106,11 @@ class Models:
         decode = DecodeSettings(max_new_tokens=limit, sample=temperature > 0,
                                 temperature=temperature or 1.0, top_p=request.top_p or 1.0,
                                 stop=request.stops(), seed=seed % 2**32)
-        jobs = [Job(i * request.n + j, ex, tuple(prompt))
-                for i, (ex, prompt) in enumerate(zip(examples, prompts, strict=True))
+        openings = [answerer.opening_length(ex, p) for ex, p in zip(examples, prompts,
+                                                                      strict=True)]
+        jobs = [Job(i * request.n + j, ex, tuple(prompt), opening)
+                for i, (ex, prompt, opening) in enumerate(zip(examples, prompts, openings,
+                                                              strict=True))
                 for j in range(request.n)]
         return Plan(name, answerer, jobs, decode, sum(len(p) for p in prompts))
 
@@ -137,7 +141,7 @@ class Models:
         request = next(self.requests)
         # Stop texts are cut here, by the same rule for streamed and whole answers; each
         # choice gets its own seed so that sampled choices differ.
-        rows = [Row(list(job.prompt), job.example,
+        rows = [Row(list(job.prompt), job.opening, job.example,
                     replace(plan.decode, stop=(), seed=(plan.decode.seed + job.index) % 2**32),
                     answering, request) for job in plan.jobs]
         answering.rows = rows
