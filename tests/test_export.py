@@ -160,6 +160,9 @@ def test_export_command_writes_the_gguf_and_an_ollama_modelfile(tiny_run, tmp_pa
     _, _, meta = read_back(gguf)
     rendered = meta["tokenizer.chat_template"]
     assert "Say hello" not in rendered and "{{ messages[-1]['content'] }}" in rendered
+    readme = (folder / "README.md").read_text(encoding="utf-8")
+    assert f"ollama create {tiny_run.name} -f Modelfile" in readme
+    assert f"llama-cli -m {gguf.name} " in readme and "`<eos>`" in readme
 
 
 def test_a_lora_run_is_merged_on_the_way(tmp_path, tiny_base):

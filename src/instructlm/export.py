@@ -19,6 +19,7 @@ from .folders import file_written_beside
 from .gguf_file import DEFAULT_QUANT, check_exportable, write_gguf
 
 MODELFILE = "Modelfile"
+README = "README.md"  # beside the Modelfile: what the export is and how to run it
 
 
 @dataclass(frozen=True)
@@ -53,13 +54,42 @@ def export(run: str | Path, quant: str = DEFAULT_QUANT, output: str | Path | Non
         source = os.path.relpath(gguf_path, modelfile_path.parent)
         text = modelfile(source if source.startswith(".") else f"./{source}", template,
                          tokenizer, end_token, DecodeSettings().max_new_tokens)
+        readme = _readme(run, info, source, quant, end_token)
     gguf_path.parent.mkdir(parents=True, exist_ok=True)
     with file_written_beside(gguf_path) as partial:
         write_gguf(model, tokenizer, chat_template, partial, quant, run.name)
     if modelfile_path is not None:
         with file_written_beside(modelfile_path) as partial:
             partial.write_text(text, encoding="utf-8")
+        with file_written_beside(modelfile_path.with_name(README)) as partial:
+            partial.write_text(readme, encoding="utf-8")
     return Exported(gguf_path, modelfile_path, end_token)
+
+
+def _readme(run: Path, info: dict[str, Any], gguf: str, quant: str,
+            end_token: str | None) -> str:
+    """What the exported folder holds, where it came from, and how to run it."""
+    from . import __version__
+
+    data, name = info["data"], run.name.lower()
+    stops = (f"Its answers end with `{end_token}`, the token its training appended to every "
+             "response." if end_token else "It was trained without an end token (the "
+             "tutorial's way): its answers run on to the token limit.")
+    return "\n".join([
+        f"# {run.name} ({quant})", "",
+        f"`{info['base']['name']}` taught the instructions of `{Path(data['file']).name}` "
+        f"({data['n_train']} training examples) with instructlm {info['instructlm_version']}, "
+        f"template `{info['template']['name']}`; exported by instructlm {__version__}. "
+        f"The GGUF holds the model, its tokenizer and a chat template that renders the "
+        f"prompt it was taught with. {stops}", "",
+        "## Ollama", "",
+        f"    ollama create {name} -f Modelfile",
+        f"    ollama run {name} \"your instruction\"", "",
+        "The Modelfile asks for greedy answers, as `instructlm ask` gives them.", "",
+        "## llama.cpp", "",
+        f"    llama-cli -m {gguf} -cnv --temp 0", "",
+        "## LM Studio", "",
+        f"Load `{gguf}`: it reads the chat template and the end token from the file.", ""])
 
 
 def _places(run: Path, quant: str, output: str | Path | None,
