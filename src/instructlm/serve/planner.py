@@ -194,8 +194,10 @@ class Answering:
     def token(self, row: Row, token: int) -> bool:
         if not (self.stream or self.plan.decode.stop):
             return False
-        text = self.texts.setdefault(id(row), _RowText(self.plan.answerer.tokenizer,
-                                                       self.plan.decode.stop))
+        text = self.texts.get(id(row))
+        if text is None:
+            text = self.texts[id(row)] = _RowText(self.plan.answerer.tokenizer,
+                                                  self.plan.decode.stop)
         piece = text.feed(token)
         if piece and self.stream:
             self._put(Piece(self._job(row), piece))
