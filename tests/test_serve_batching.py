@@ -326,3 +326,46 @@ def test_a_family_that_cannot_join_a_batch_answers_one_at_a_time(tiny_tokenizer)
             "messages": [{"role": "user", "content": LONG}], "stream": True})
         assert status == 200 and streamed_text(raw) == alone[1]
     assert len(set(alone)) == 3
+
+
+def test_a_request_that_fails_to_hear_its_answer_does_not_stop_the_loop(chat_model):
+    """One request's failure stays its own: the loop goes on answering the others."""
+    import threading
+
+    from instructlm.answerer import DecodeSettings
+    from instructlm.formats import Example
+    from instructlm.serve.batcher import Batcher, Row
+
+    class Listener:
+        def __init__(self, fail: bool) -> None:
+            self.fail, self.done = fail, threading.Event()
+
+        def admitted(self, row: Row) -> None:
+            pass
+
+        def token(self, row: Row, token: int) -> bool:
+            if self.fail:
+                raise RuntimeError("this request's handler is broken")
+            return False
+
+        def ended(self, row: Row) -> None:
+            self.done.set()
+            if self.fail:
+                raise RuntimeError("and cannot hear its end either")
+
+    batcher = Batcher(chat_model, 4, 4, 30.0, threading.Lock())
+    try:
+        example = Example(SHORT, "")
+        prompt = chat_model.prompt_ids(example)
+        broken, fine = Listener(fail=True), Listener(fail=False)
+        rows = [Row(prompt, 0, example, DecodeSettings(max_new_tokens=5), listener, i)
+                for i, listener in enumerate((broken, fine))]
+        batcher.submit(rows)  # taken into the batch together
+        assert broken.done.wait(10) and fine.done.wait(10)
+        later = Listener(fail=False)
+        batcher.submit([Row(prompt, 0, example, DecodeSettings(max_new_tokens=5), later, 2)])
+        assert later.done.wait(10)
+    finally:
+        batcher.close()
+    assert isinstance(rows[0].error, RuntimeError)
+    assert rows[1].error is None and rows[1].finish_reason in ("stop", "length")

@@ -17,6 +17,7 @@ answer one row at a time through `generate`, from the same queue.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -272,7 +273,13 @@ class Batcher:
         if row.first_token is None:
             row.first_token = time.monotonic()
         row.tokens.append(token)
-        if token in self.end_ids or row.listener.token(row, token):
+        try:
+            told = token not in self.end_ids and row.listener.token(row, token)
+        except Exception as err:  # this request's failure, not the others'
+            row.error = err
+            self._end(row, None)
+            return True
+        if token in self.end_ids or told:
             self._end(row, "stop")
         elif len(row.tokens) >= row.decode.max_new_tokens:
             self._end(row, "length")
@@ -287,7 +294,10 @@ class Batcher:
             self.seconds_per_request += 0.2 * (took - self.seconds_per_request)
             ended = bool(row.tokens) and row.tokens[-1] in self.end_ids
             self._tell("tokens", len(row.tokens) - ended)  # as the usage counts them
-        row.listener.ended(row)
+        try:
+            row.listener.ended(row)
+        except Exception:  # a request that cannot hear its end must not end the loop
+            logging.getLogger(__name__).exception("a finished answer could not be handed over")
 
     def _answer_alone(self, row: Row) -> None:
         """A family that cannot join a batch: the row decoded alone by `generate`."""
