@@ -79,6 +79,10 @@ class Row:
         """The client went away: the row leaves the queue or the batch at the next step."""
         self.cancelled = True
 
+    @property
+    def ended(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
+
 
 class Batcher:
     """The decoding loop of one served model. `lock` is shared by every model of a server,
@@ -159,7 +163,7 @@ class Batcher:
                     batch = self._step(batch)
             except Exception as err:  # every row in the batch learns of it; the loop goes on
                 for row in (batch.rows if batch else []) + ready:
-                    if row.finish_reason is None:
+                    if not row.ended:
                         row.error = err
                         self._end(row, None)
                 batch = None
@@ -285,7 +289,7 @@ class Batcher:
             self._end(row, "length")
         elif row.cancelled:
             self._end(row, "cancelled")
-        return row.finish_reason is not None or row.error is not None
+        return row.ended
 
     def _end(self, row: Row, reason: str | None) -> None:
         row.finish_reason = reason
@@ -324,7 +328,7 @@ class Batcher:
         with self.lock:
             self.answerer.generate_tokens(row.prompt, row.decode, streamer,
                                           should_stop=lambda: row.cancelled or streamer.told)
-        if row.finish_reason is None:
+        if not row.ended:
             self._end(row, "cancelled" if row.cancelled else "length")
 
     def _tell(self, kind: str, value: float) -> None:
