@@ -8,7 +8,7 @@ input order, each with why it ended: "stop" (the model ended it, or a stop text 
 from __future__ import annotations
 
 import itertools
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -20,16 +20,13 @@ from .encode import encode_prompt
 from .errors import InstructlmError
 from .formats import Example
 from .runs import is_run, read_run_info, recover_hidden
-from .templates import Template, choose_template, render_prompt
+from .templates import Template, around_instruction, choose_template, render_prompt
 from .textcut import TextCutter
 
 # Instructions decoded together. Answering is bound by reading the weights once per token, so a
 # batch costs little more than one answer.
 BATCH_SIZE = 32
 
-
-# Stands for the instruction where the prompt's opening is looked for.
-_MARK = "\x00instruction\x00"
 
 # Below this, sampling is greedy decoding in all but name, and dividing the logits by the
 # temperature overflows (1e-103 gave infinities, then a crash in sampling).
@@ -96,11 +93,10 @@ class Answerer:
         """How many of `ids` (the prompt of `example`) come before its instruction: the same
         tokens for every instruction asked this way (after the same conversation). 0 where
         they cannot be told apart (a token that spans both)."""
-        marked = render_prompt(self.template, replace(example, instruction=_MARK),
-                               self.tokenizer)
-        if marked.count(_MARK) != 1:
+        parts = around_instruction(self.template, example, self.tokenizer)
+        if parts is None:
             return 0
-        before = marked.split(_MARK)[0]
+        before = parts[0]
         # Without the space before the instruction first: most tokenizers make it part of
         # the instruction's first word, whichever word that is.
         for text in dict.fromkeys([before.rstrip(" "), before]):

@@ -14,11 +14,7 @@ from typing import Any
 
 from .errors import InstructlmError
 from .formats import Example
-from .templates import Template, render_prompt
-
-# Stands for the instruction while the prompt is cut; no template holds it by itself.
-_MARK = "\x00instruction\x00"
-
+from .templates import Template, around_instruction
 
 @dataclass(frozen=True)
 class PromptFrame:
@@ -29,12 +25,11 @@ class PromptFrame:
 
 
 def prompt_frame(template: Template, tokenizer: Any) -> PromptFrame:
-    prompt = render_prompt(template, Example(instruction=_MARK, response=""), tokenizer)
-    if prompt.count(_MARK) != 1:
+    parts = around_instruction(template, Example(instruction="", response=""), tokenizer)
+    if parts is None:
         raise InstructlmError(f"the {template.name} template does not show the instruction "
                               "exactly once, so it cannot be written for other programs")
-    before, after = prompt.split(_MARK)
-    return PromptFrame(before, after)
+    return PromptFrame(*parts)
 
 
 def gguf_chat_template(template: Template, tokenizer: Any) -> str:

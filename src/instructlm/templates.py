@@ -7,7 +7,7 @@ way it was taught (the tutorial's generate script did not, and its model never s
 from __future__ import annotations
 
 import string
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from .errors import InstructlmError
@@ -95,6 +95,21 @@ def render_prompt(template: Template, example: Example, tokenizer: Any = None) -
         return template.input_text.format(instruction=example.instruction, input=example.input)
     assert template.text is not None
     return template.text.format(instruction=example.instruction, input="")
+
+
+# Stands for the instruction where a prompt is cut around it; no template holds it by itself.
+_MARK = "\x00instruction\x00"
+
+
+def around_instruction(template: Template, example: Example,
+                       tokenizer: Any = None) -> tuple[str, str] | None:
+    """The prompt for `example` (its conversation, any instruction) as the text before the
+    instruction and the text after it; None if the template does not show it exactly once."""
+    prompt = render_prompt(template, replace(example, instruction=_MARK), tokenizer)
+    if prompt.count(_MARK) != 1:
+        return None
+    before, after = prompt.split(_MARK)
+    return before, after
 
 
 def _render_chat(example: Example, tokenizer: Any) -> str:

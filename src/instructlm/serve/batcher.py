@@ -369,13 +369,12 @@ class _Batch:
         from torch.nn.functional import pad
 
         width = max(self.mask.shape[1], other.mask.shape[1])
+        a, b = width - self.mask.shape[1], width - other.mask.shape[1]  # padding to add
         for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
-            a, b = width - self.mask.shape[1], width - other.mask.shape[1]
             mine.keys = torch.cat([pad(mine.keys, (0, 0, a, 0)), pad(theirs.keys, (0, 0, b, 0))])
             mine.values = torch.cat([pad(mine.values, (0, 0, a, 0)),
                                      pad(theirs.values, (0, 0, b, 0))])
-        self.mask = torch.cat([pad(self.mask, (width - self.mask.shape[1], 0)),
-                               pad(other.mask, (width - other.mask.shape[1], 0))])
+        self.mask = torch.cat([pad(self.mask, (a, 0)), pad(other.mask, (b, 0))])
         self.rows = self.rows + other.rows
         self.position = torch.cat([self.position, other.position])
         self.last = torch.cat([self.last, other.last])
