@@ -70,7 +70,7 @@ def load_merged(run: str | Path, base_spec: str, trust_remote_code: bool = False
     """A LoRA run's base model with the run's adapter merged into its weights."""
     from peft import PeftModel
 
-    from .base import load_model, resolve_base
+    from .base import resolve_base
 
     try:
         source = resolve_base(base_spec)
@@ -79,9 +79,21 @@ def load_merged(run: str | Path, base_spec: str, trust_remote_code: bool = False
                               f"{base_spec!r} cannot be found: {err.message}",
                               hint="put the base model back, or train without --lora"
                               ) from None
-    base = load_model(source, trust_remote_code)
+    base = load_weights(source, trust_remote_code)
     with _quiet():
         return PeftModel.from_pretrained(base, str(run)).merge_and_unload()
+
+
+def load_weights(source: str, trust_remote_code: bool = False, dtype: Any = None) -> Any:
+    """A model folder or hub id as `base.load_model` loads it; a LoRA run as its base with
+    the run's adapter merged (a run trained from a LoRA run, in turn, from its own)."""
+    from .base import load_model
+    from .runs import read_run_info
+
+    if not is_adapter_run(source):
+        return load_model(source, trust_remote_code, dtype)
+    model = load_merged(source, read_run_info(source)["base"]["spec"], trust_remote_code)
+    return model.to(dtype) if dtype is not None else model
 
 
 @contextmanager

@@ -19,7 +19,8 @@ def _add_training(p: argparse.ArgumentParser) -> None:
     from .train import FULL_LR, LORA_LR, TrainSettings
 
     d = TrainSettings()
-    p.add_argument("--base", help="base model: a model folder, a Hugging Face hub id, or "
+    p.add_argument("--base", help="base model: a model folder, a trained run (trained "
+                                  "further, in its own template), a Hugging Face hub id, or "
                                   "'embedded' (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow a hub model to run its own Python code (only for ids you trust)")
@@ -125,6 +126,20 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]
                    help="save a checkpoint every N steps, beside the run (default: none)")
     p.add_argument("--resume", metavar="RUN",
                    help="continue the interrupted run RUN from its last checkpoint")
+    from .preference import DEFAULT_BETA, METHODS
+    from .train import DPO_LORA_LR, DPO_LR
+
+    taste = p.add_argument_group(
+        "preference tuning", "learn from pairs, this answer and not that one: lines "
+        "instruction#chosen#rejected, or JSONL prompt/chosen/rejected")
+    taste.add_argument("--method", choices=METHODS,
+                       help="sft (default): teach the responses; dpo: prefer the chosen "
+                            "answers, starting from a tuned run (--base RUN); orpo: teach the "
+                            "chosen answers and prefer them, from a base model")
+    taste.add_argument("--beta", type=float,
+                       help=f"DPO's beta, ORPO's lambda (default {DEFAULT_BETA:g}); the "
+                            f"learning rate for dpo defaults to {DPO_LR:g} ({DPO_LORA_LR:g} "
+                            "with --lora)")
 
     p = add("ask")
     p.add_argument("run", help="a trained run folder, or a base model to see untuned answers "

@@ -85,7 +85,10 @@ def resolve_base(spec: str | None) -> str:
         return str(embedded_model_dir())
     path = Path(spec).expanduser()
     if path.is_dir():
-        if not (path / "config.json").exists():
+        from .adapters import ADAPTER_CONFIG
+
+        # A LoRA run holds an adapter and names its base (adapters.load_weights).
+        if not (path / "config.json").exists() and not (path / ADAPTER_CONFIG).exists():
             raise InstructlmError(f"{spec}: folder has no config.json, so it is not a model",
                                   hint="give a model folder, a hub id, or leave --base out "
                                        "for the embedded model")

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .encode import IGNORE_INDEX, EncodedExample
+from .encode import IGNORE_INDEX, EncodedExample, EncodedPair
 
 MIN_SHARED_PREFIX = 8  # tokens; below this the extra call costs more than it saves
 
@@ -26,6 +26,25 @@ def collate(batch: list[EncodedExample], pad_id: int) -> dict[str, Any]:
         labels[row, :n] = torch.tensor(e.labels)
         mask[row, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def collate_pairs(pairs: list[EncodedPair], pad_id: int) -> dict[str, Any]:
+    """Preference pairs as one batch: every chosen row, then every rejected row (as TRL lays
+    them out), and the reference log-probabilities in the same order where they are known."""
+    import torch
+
+    batch = collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+    if all(p.reference is not None for p in pairs):
+        batch["reference"] = torch.tensor([p.reference[0] for p in pairs]
+                                          + [p.reference[1] for p in pairs])
+    return batch
+
+
+def collate_any(items: list[Any], pad_id: int) -> dict[str, Any]:
+    """Training examples or preference pairs, collated as they need."""
+    if items and isinstance(items[0], EncodedPair):
+        return collate_pairs(items, pad_id)
+    return collate(items, pad_id)
 
 
 def common_prefix(rows: list[Any]) -> int:

@@ -138,18 +138,19 @@ class Shard:
         return (mine, True) if mine else (indices[:1], False)
 
     def share(self, mine: list[int], counts: bool, indices: list[int],
-              response_tokens: list[int]) -> float:
-        """The weight of this process's mean loss: its share of the batch's response tokens,
-        times the number of processes (whose gradients DDP averages)."""
+              weights: list[int]) -> float:
+        """The weight of this process's mean loss: its share of the batch (of its response
+        tokens, or of its pairs: the examples' `weights`), times the number of processes
+        (whose gradients DDP averages)."""
         if not counts:
             return 0.0
-        local = sum(response_tokens[i] for i in mine)
-        return local * self.world / sum(response_tokens[i] for i in indices)
+        local = sum(weights[i] for i in mine)
+        return local * self.world / sum(weights[i] for i in indices)
 
     def padded_tokens(self, indices: list[int], examples: list[Any]) -> int:
         """Positions computed for the global batch, padding included, over all processes."""
         total = 0
         for rank in range(self.world):
-            rows = indices[rank::self.world]
-            total += max((len(examples[i].input_ids) for i in rows), default=0) * len(rows)
+            rows = [n for i in indices[rank::self.world] for n in examples[i].lengths]
+            total += max(rows, default=0) * len(rows)
         return total

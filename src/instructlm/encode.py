@@ -7,7 +7,7 @@ is appended to every response: that is what teaches the model to stop.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .errors import InstructlmError
@@ -26,6 +26,37 @@ class EncodedExample:
     @property
     def n_response_tokens(self) -> int:
         return sum(1 for label in self.labels if label != IGNORE_INDEX)
+
+    @property
+    def lengths(self) -> tuple[int, ...]:
+        """The length of each row it takes in a batch."""
+        return (len(self.input_ids),)
+
+    @property
+    def weight(self) -> int:
+        """Its share of a batch's mean loss, which is a mean over response tokens."""
+        return self.n_response_tokens
+
+
+@dataclass(frozen=True)
+class EncodedPair:
+    """A preference pair: its prompt with the chosen answer and with the rejected one, each
+    encoded as a supervised example is (prompt masked, end token appended), and, once
+    computed, the reference model's log-probabilities of both answers."""
+
+    chosen: EncodedExample
+    rejected: EncodedExample
+    reference: tuple[float, float] | None = None
+
+    @property
+    def lengths(self) -> tuple[int, ...]:
+        """The length of each row it takes in a batch: the chosen, then the rejected."""
+        return (len(self.chosen.input_ids), len(self.rejected.input_ids))
+
+    @property
+    def weight(self) -> int:
+        """Its share of a batch's mean loss, which is a mean over pairs."""
+        return 1
 
 
 def encode_prompt(prompt: str, tokenizer: Any, template: Template) -> list[int]:
@@ -90,20 +121,45 @@ def encode_examples(examples: list[Example], template: Template, tokenizer: Any,
                     ) -> tuple[list[EncodedExample], list[str]]:
     """Encode many; return the kept ones and a warning for each dropped or cut example."""
     kept, warnings = [], []
-    specials = [t for t in getattr(tokenizer, "all_special_tokens", []) if len(t) > 1]
     encoded = _encode_many(examples, template, tokenizer, max_length, end_token)
     for ex, enc in zip(examples, encoded, strict=True):
-        written = [t for t in specials if t in f"{ex.instruction}{ex.input}{ex.response}"]
-        if written:
-            warnings.append(f"{ex.source}: holds the model's control token {written[0]!r} as "
-                            "text; the response is taught it as plain text, but check that "
-                            "you meant it")
-        if enc is None:
-            warnings.append(f"{ex.source}: dropped, the prompt alone is longer than "
-                            f"--max-length {max_length} tokens")
-            continue
-        if enc.truncated:
-            warnings.append(f"{ex.source}: response cut to fit --max-length {max_length}; "
-                            "the model will not learn to stop here")
-        kept.append(enc)
+        warnings += _warnings(ex, [enc], tokenizer, max_length)
+        if enc is not None:
+            kept.append(enc)
     return kept, warnings
+
+
+def encode_pairs(examples: list[Example], template: Template, tokenizer: Any,
+                 max_length: int, end_token: bool = True,
+                 ) -> tuple[list[EncodedPair], list[str]]:
+    """Encode the preference pairs among `examples` (those with a rejected answer); return
+    the kept ones and a warning for each dropped or cut pair."""
+    examples = [ex for ex in examples if ex.rejected]
+    chosen = _encode_many(examples, template, tokenizer, max_length, end_token)
+    rejected = _encode_many([replace(ex, response=ex.rejected) for ex in examples], template,
+                            tokenizer, max_length, end_token)
+    kept, warnings = [], []
+    for ex, one, other in zip(examples, chosen, rejected, strict=True):
+        warnings += _warnings(ex, [one, other], tokenizer, max_length)
+        if one is not None and other is not None:
+            kept.append(EncodedPair(one, other))
+    return kept, warnings
+
+
+def _warnings(example: Example, encoded: list[EncodedExample | None], tokenizer: Any,
+              max_length: int) -> list[str]:
+    """What the user should hear about one encoded example (or pair)."""
+    out = []
+    specials = [t for t in getattr(tokenizer, "all_special_tokens", []) if len(t) > 1]
+    text = f"{example.instruction}{example.input}{example.response}{example.rejected}"
+    written = [t for t in specials if t in text]
+    if written:
+        out.append(f"{example.source}: holds the model's control token {written[0]!r} as "
+                   "text; the response is taught it as plain text, but check that you meant it")
+    if any(enc is None for enc in encoded):
+        out.append(f"{example.source}: dropped, the prompt alone is longer than "
+                   f"--max-length {max_length} tokens")
+    elif any(enc.truncated for enc in encoded if enc is not None):
+        out.append(f"{example.source}: response cut to fit --max-length {max_length}; "
+                   "the model will not learn to stop here")
+    return out

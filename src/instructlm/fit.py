@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from . import checkpoints
-from .batches import collate
+from .batches import collate_any
 from .distributed import Shard
 from .encode import EncodedExample
 from .evaluate import Report
 from .loss import mean_loss
 from .optimize import TrainStep
+from .preference import pair_metrics
 
 if TYPE_CHECKING:
     from .train import TrainSettings
@@ -38,6 +39,7 @@ class Trainee:
     precision: str
     accelerator: Any = None  # several processes (Accelerate)
     fsdp: Any = None  # Accelerate's FSDP settings: the model is sharded
+    objective: Any = None  # preference tuning (preference.PreferenceObjective); None: supervised
 
     @property
     def main(self) -> bool:  # the process that reports, answers and saves
@@ -62,9 +64,9 @@ def fit(trainee: Trainee, settings: TrainSettings, report: Report, progress: boo
     total = per_epoch * settings.epochs
     step = TrainStep(t.model, settings.lr, settings.weight_decay, settings.warmup_ratio,
                      total, t.device, t.precision, settings.schedule,
-                     accelerator=t.accelerator, fsdp=t.fsdp)
+                     accelerator=t.accelerator, fsdp=t.fsdp, objective=t.objective)
     shard = Shard(t.accelerator)
-    response_tokens = [e.n_response_tokens for e in t.train_set]
+    weights = [e.weight for e in t.train_set]  # of each in its batch's mean loss
     records: list[dict[str, Any]] = []
     skip = 0  # steps a resumed run has done already
     if resumed is not None:
@@ -77,11 +79,23 @@ def fit(trainee: Trainee, settings: TrainSettings, report: Report, progress: boo
         # itself, and gathers the weights only in the model's forward.
         if not t.eval_set or not (t.main or t.fsdp is not None):
             return
-        eval_loss = mean_loss(t.model, t.eval_set, settings.batch_size, t.pad_id, t.device,
-                              "fp32" if step.fsdp else t.precision, labels_only=not step.fsdp)
-        records.append({"step": done, "epoch": epoch, "eval_loss": round(eval_loss, 5)})
+        if t.objective is not None:  # held-out pairs: loss and rewards
+            pairs = pair_metrics(t.model, t.eval_set, t.objective.method, t.objective.beta,
+                                 settings.batch_size, t.pad_id, t.device, t.precision)
+            eval_loss = pairs.pop("loss")
+            rewards = {k: round(v, 5) for k, v in pairs.items()}
+        else:
+            eval_loss = mean_loss(t.model, t.eval_set, settings.batch_size, t.pad_id,
+                                  t.device, "fp32" if step.fsdp else t.precision,
+                                  labels_only=not step.fsdp)
+            rewards = {}
+        records.append({"step": done, "epoch": epoch, "eval_loss": round(eval_loss, 5),
+                        **rewards})
         message = (f"epoch {epoch}: train loss {_epoch_mean(records, epoch):.3f}, "
                    f"eval loss {eval_loss:.3f}")
+        if rewards:
+            message += (f", reward accuracy {rewards['reward_accuracy']:.0%}, margin "
+                        f"{rewards['reward_margin']:+.3f}")
         if progress:
             bar.write(message)  # keeps the progress bar intact
         else:
@@ -99,10 +113,10 @@ def fit(trainee: Trainee, settings: TrainSettings, report: Report, progress: boo
                 _batches(len(t.train_set), settings.batch_size, settings.epochs,
                          settings.seed), skip, None):
             mine, counts = shard.rows(indices)
-            batch = collate([t.train_set[i] for i in mine], t.pad_id)
-            value = step(batch, shard.share(mine, counts, indices, response_tokens))
+            batch = collate_any([t.train_set[i] for i in mine], t.pad_id)
+            value = step(batch, shard.share(mine, counts, indices, weights))
             records.append({"step": done, "epoch": epoch, "loss": round(value, 5),
-                            "lr": step.lr, "tokens": sum(len(t.train_set[i].input_ids)
+                            "lr": step.lr, "tokens": sum(sum(t.train_set[i].lengths)
                                                          for i in indices),
                             "padded_tokens": shard.padded_tokens(indices, t.train_set)})
             bar.set_postfix(epoch=epoch, loss=f"{value:.3f}", refresh=False)

@@ -4,8 +4,9 @@ Two families of files are read:
 
 * the tutorial's text format: one `instruction#response` a line, `#` comment lines, blank
   lines skipped, a comment containing `_EVAL_` starting the evaluation part, `\\#` for a
-  literal `#`;
-* JSONL, whose flavour is detected from the first record's keys (see `JSONL_FLAVOURS`).
+  literal `#`; read for preference tuning, a line is `instruction#chosen#rejected`;
+* JSONL, whose flavour is detected from the first record's keys (see `JSONL_FLAVOURS`),
+  TRL's preference records (`prompt`, `chosen`, `rejected`) among them.
 
 Everything that is wrong with a file is reported as `file:line: what, and what to do`.
 """
@@ -51,6 +52,8 @@ class Example:
     history: tuple[dict[str, str], ...] = ()
     source: str = ""  # "file:line", for messages that point back to the file
     check: Check | None = None
+    # A preference pair: `response` is the chosen answer and this the rejected one.
+    rejected: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -62,7 +65,8 @@ class Example:
     def from_dict(cls, data: dict[str, Any]) -> "Example":
         check = parse_check(data["check"]) if data.get("check") is not None else None
         return cls(data["instruction"], data["response"], data.get("input", ""),
-                   tuple(data.get("history", ())), data.get("source", ""), check)
+                   tuple(data.get("history", ())), data.get("source", ""), check,
+                   data.get("rejected", ""))
 
 
 @dataclass
@@ -76,11 +80,21 @@ class InstructionSet:
     eval: list[Example]
     warnings: list[str] = field(default_factory=list)
 
+    @property
+    def pairs(self) -> bool:
+        """Whether the file holds preference pairs (chosen and rejected answers)."""
+        return any(ex.rejected for ex in self.train + self.eval)
 
-def read_instruction_file(path: str | Path, need_train: bool = True) -> InstructionSet:
+
+def read_instruction_file(path: str | Path, need_train: bool = True,
+                          preferences: bool = False) -> InstructionSet:
     """Read a text or JSONL instruction file; raise InstructionFileError on any problem.
 
     `need_train=False` accepts a file of evaluation examples only (for `eval RUN FILE`).
+    `preferences=True` reads preference pairs: a text line is `instruction#chosen#rejected`
+    (every training line; an evaluation line may be a plain `instruction#response`), and a
+    JSONL file must hold TRL's prompt/chosen/rejected records. Without it, a JSONL file of
+    pairs is refused, and text lines keep everything after their first `#` as the response.
     """
     path = Path(path)
     name = str(path)
@@ -99,9 +113,10 @@ def read_instruction_file(path: str | Path, need_train: bool = True) -> Instruct
     if path.suffix.lower() in JSONL_SUFFIXES:
         fmt, pairs = _parse_jsonl(lines, name)
     else:
-        fmt, pairs = "text", _parse_text(lines, name)
+        fmt, pairs = "text", _parse_text(lines, name, preferences)
     train = [ex for ex, split in pairs if split == "train"]
     evals = [ex for ex, split in pairs if split == "eval"]
+    _check_kind(name, fmt, pairs, preferences)
     if not evals and not train:
         raise InstructionFileError(name, None, "no examples",
                                    hint="write one example a line as instruction#response")
@@ -110,7 +125,7 @@ def read_instruction_file(path: str | Path, need_train: bool = True) -> Instruct
             name, None, "only evaluation examples: there is nothing to train on",
             hint="write one example a line as instruction#response (training lines come "
                  f"before a '# {EVAL_MARKER}' comment)")
-    warnings = _find_conflicts(train + evals)
+    warnings = _find_conflicts(train + evals) + _looks_like_pairs(name, fmt, lines, preferences)
     return InstructionSet(name, fmt, hashlib.sha256(raw).hexdigest(), train, evals, warnings)
 
 
@@ -143,27 +158,33 @@ def _decode_utf8(raw: bytes, name: str) -> str:
 
 # --- the tutorial's text format -------------------------------------------------------------
 
-def split_escaped(line: str) -> tuple[str, str] | None:
-    """Split at the first `#` that is not written `\\#`; unescape `\\#` on both sides."""
+def split_fields(line: str, splits: int = 1) -> list[str]:
+    """Split at the first `splits` `#` that are not written `\\#`; unescape `\\#` in every
+    field. Fewer fields come back when the line has fewer `#`."""
     parts, buf, i = [], [], 0
     while i < len(line):
         if line.startswith("\\#", i):
             buf.append("#")
             i += 2
-        elif line[i] == "#" and not parts:
+        elif line[i] == "#" and len(parts) < splits:
             parts.append("".join(buf))
             buf = []
             i += 1
         else:
             buf.append(line[i])
             i += 1
-    if not parts:
-        return None
-    return parts[0], "".join(buf)
+    return [*parts, "".join(buf)]
 
 
-def _parse_text(lines: list[str], name: str) -> list[tuple[Example, str]]:
+def split_escaped(line: str) -> tuple[str, str] | None:
+    """Split at the first `#` that is not written `\\#`; unescape `\\#` on both sides."""
+    fields = split_fields(line)
+    return (fields[0], fields[1]) if len(fields) == 2 else None
+
+
+def _parse_text(lines: list[str], name: str, preferences: bool) -> list[tuple[Example, str]]:
     split = "train"
+    shape = "instruction#chosen#rejected" if preferences else "instruction#response"
     out: list[tuple[Example, str]] = []
     for no, line in enumerate(lines, start=1):
         stripped = line.strip()
@@ -173,18 +194,54 @@ def _parse_text(lines: list[str], name: str) -> list[tuple[Example, str]]:
             if EVAL_MARKER in stripped:
                 split = "eval"
             continue
-        pair = split_escaped(stripped)
-        if pair is None:
+        fields = [f.strip() for f in split_fields(stripped, 2 if preferences else 1)]
+        if len(fields) == 1:
             raise InstructionFileError(
                 name, no, "no '#' between instruction and response", line,
-                hint="write instruction#response; a '#' that belongs to the text is written \\#")
-        instruction, response = (side.strip() for side in pair)
-        for side, value in (("instruction", instruction), ("response", response)):
+                hint=f"write {shape}; a '#' that belongs to the text is written \\#")
+        if preferences and len(fields) == 2 and split == "train":
+            raise InstructionFileError(
+                name, no, "no rejected answer: preference tuning learns from pairs", line,
+                hint="write instruction#chosen#rejected: the answer to prefer, then the one "
+                     "to avoid (a plain instruction#response may follow the _EVAL_ comment)")
+        sides = ("instruction", "chosen answer", "rejected answer") if preferences \
+            else ("instruction", "response")
+        for side, value in zip(sides, fields):
             if not value:
                 raise InstructionFileError(name, no, f"empty {side}", line,
-                                           hint="write instruction#response, both non-empty")
-        out.append((Example(instruction, response, source=f"{name}:{no}"), split))
+                                           hint=f"write {shape}, every part non-empty")
+        instruction, response, *rejected = fields
+        out.append((Example(instruction, response, source=f"{name}:{no}",
+                            rejected="".join(rejected)), split))
     return out
+
+
+def _check_kind(name: str, fmt: str, pairs: list[tuple[Example, str]],
+                preferences: bool) -> None:
+    """Pairs are read only for preference tuning, and preference tuning needs pairs."""
+    if preferences and fmt.startswith("jsonl") and fmt != "jsonl-preference":
+        raise InstructionFileError(
+            name, None, f"holds {fmt.removeprefix('jsonl-')} records, not preference pairs",
+            hint='preference tuning reads records of {"prompt", "chosen", "rejected"}, or '
+                 "text lines instruction#chosen#rejected")
+    if not preferences and any(ex.rejected for ex, _ in pairs):
+        raise InstructionFileError(
+            name, None, "holds preference pairs (prompt, chosen, rejected)",
+            hint="train them with --method dpo (from a tuned run: --base RUN) or "
+                 "--method orpo")
+
+
+def _looks_like_pairs(name: str, fmt: str, lines: list[str], preferences: bool) -> list[str]:
+    """A warning when every line of a text file read for supervised training holds a second
+    `#`: likely preference lines given to the wrong method."""
+    if preferences or fmt != "text":
+        return []
+    rows = [s for s in (line.strip() for line in lines) if s and not s.startswith("#")]
+    if len(rows) < 2 or not all(len(split_fields(s, 2)) == 3 for s in rows):
+        return []
+    return [f"{name}: every line holds a second '#', kept as part of the response; if these "
+            "are preference lines (instruction#chosen#rejected), train with --method dpo or "
+            "orpo, and if the responses hold a '#', write it \\# to silence this"]
 
 
 # --- JSONL ----------------------------------------------------------------------------------
@@ -201,6 +258,29 @@ def _from_dolly(rec: dict[str, Any]) -> dict[str, Any]:
 
 def _from_prompt_completion(rec: dict[str, Any]) -> dict[str, Any]:
     return {"instruction": rec["prompt"], "response": rec["completion"]}
+
+
+def _from_preference(rec: dict[str, Any]) -> dict[str, Any]:
+    """TRL's preference records: prompt, chosen and rejected, each a string, or chat
+    messages (the prompt's ending with the user's, each answer one assistant message)."""
+    prompt, history = rec["prompt"], ()
+    if isinstance(prompt, list):
+        if not prompt or not isinstance(prompt[-1], dict) or prompt[-1].get("role") != "user":
+            raise ValueError("a prompt of messages must end with a user message")
+        history = _from_messages({"messages": [*prompt, {"role": "assistant",
+                                                         "content": ""}]})["history"]
+        prompt = prompt[-1]["content"]
+    answers = {}
+    for key in ("chosen", "rejected"):
+        value = rec[key]
+        if isinstance(value, list):
+            if len(value) != 1 or not isinstance(value[0], dict) \
+                    or value[0].get("role") != "assistant":
+                raise ValueError(f"{key} must be a string or one assistant message")
+            value = value[0].get("content")
+        answers[key] = value
+    return {"instruction": prompt, "response": answers["chosen"],
+            "rejected": answers["rejected"], "history": history}
 
 
 def _from_messages(rec: dict[str, Any]) -> dict[str, Any]:
@@ -224,6 +304,7 @@ def _from_messages(rec: dict[str, Any]) -> dict[str, Any]:
 # Flavour name -> (keys that identify it, converter to Example fields). First match wins.
 JSONL_FLAVOURS: dict[str, tuple[tuple[str, ...], Callable[[dict[str, Any]], dict[str, Any]]]] = {
     "messages": (("messages",), _from_messages),
+    "preference": (("prompt", "chosen", "rejected"), _from_preference),
     "alpaca": (("instruction", "output"), _from_alpaca),
     "dolly": (("instruction", "response"), _from_dolly),  # `context` optional
     "prompt-completion": (("prompt", "completion"), _from_prompt_completion),
@@ -276,14 +357,17 @@ def _parse_jsonl(lines: list[str], name: str) -> tuple[str, list[tuple[Example, 
             fields = convert(rec)
         except ValueError as err:
             raise InstructionFileError(name, no, str(err), line) from None
-        for key in ("instruction", "input", "response"):
+        required = ("instruction", "response", "rejected") if flavour == "preference" \
+            else ("instruction", "response")
+        for key in ("instruction", "input", "response", "rejected"):
             value = fields.get(key, "")
             if not isinstance(value, str):
                 raise InstructionFileError(name, no, f"{key} must be a string", line)
             fields[key] = value.strip()
-        for key in ("instruction", "response"):
+        for key in required:
             if not fields[key]:
-                raise InstructionFileError(name, no, f"empty {key}", line)
+                said = "chosen" if key == "response" and flavour == "preference" else key
+                raise InstructionFileError(name, no, f"empty {said}", line)
         split = rec.get("split", "train")
         if split not in ("train", "eval"):
             raise InstructionFileError(name, no, f"split must be \"train\" or \"eval\", "

@@ -112,7 +112,7 @@ class TrainStep:
     def __init__(self, model: Any, lr: float, weight_decay: float, warmup_ratio: float,
                  total_steps: int, device: str, precision: str, schedule: str = "linear",
                  speed: SpeedPaths = SpeedPaths(), accelerator: Any = None,
-                 fsdp: Any = None) -> None:
+                 fsdp: Any = None, objective: Any = None) -> None:
         import torch
 
         from .distributed import shard_model
@@ -133,7 +133,7 @@ class TrainStep:
         self.names = [n for n, _ in named]
         self.numbers = Precision([p for _, p in named], precision, device,
                                  speed.master_weights)
-        self.loss = loss_module(model, device, precision, speed)
+        self.loss = loss_module(model, device, precision, speed, objective)
         if self.world > 1 and not self.fsdp:  # wrapped in DDP (once the weights have their
             # dtype), whose backward averages the gradients of every process
             self.loss = accelerator.prepare_model(self.loss, device_placement=False)
@@ -251,9 +251,11 @@ def _full_state(**options: Any) -> Any:
     return StateDictOptions(full_state_dict=True, cpu_offload=True, **options)
 
 
-def loss_module(model: Any, device: str, precision: str, speed: SpeedPaths) -> Any:
+def loss_module(model: Any, device: str, precision: str, speed: SpeedPaths,
+                objective: Any = None) -> Any:
     """The training loss of `model` as a module of its own, so that DistributedDataParallel
-    can wrap it: its backward then averages the gradients of every process."""
+    can wrap it: its backward then averages the gradients of every process. The loss is the
+    supervised one, or `objective(model, batch, device, precision)` (preference tuning)."""
     import torch
 
     class LossOf(torch.nn.Module):
@@ -262,6 +264,8 @@ def loss_module(model: Any, device: str, precision: str, speed: SpeedPaths) -> A
             self.model = model
 
         def forward(self, batch: dict[str, Any]) -> Any:
+            if objective is not None:
+                return objective(self.model, batch, device, precision)
             return batch_loss(self.model, batch, device, precision, speed.labels_only,
                               speed.share_prefix, speed.pack)
 

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from . import __version__, checkpoints
-from .adapters import LoraSettings, adapter_summary, add_lora
+from .adapters import LoraSettings, adapter_summary, add_lora, load_weights
 from .answerer import Answerer
-from .base import EMBEDDED, EMBEDDED_NAME, load_model, load_tokenizer, resolve_base
+from .base import EMBEDDED, EMBEDDED_NAME, load_tokenizer, resolve_base
 from .budget import DEFAULT_SCHEDULE, MIN_STEPS, SCHEDULES, Budget, choose_budget
 from .devices import PRECISIONS, pick_device, resolve_precision
 from .distributed import (
@@ -28,20 +28,23 @@ from .distributed import (
     main_process,
     make_accelerator,
 )
-from .encode import EncodedExample, encode_examples
+from .encode import EncodedExample, EncodedPair, encode_examples, encode_pairs
 from .errors import InstructlmError
 from .evaluate import EvalResult, EvalSet, Report, evaluate
 from .fit import Trainee, fit
 from .formats import Example, InstructionSet, read_instruction_file
 from .optimize import TrainStep
+from .preference import DEFAULT_BETA, METHODS, PreferenceObjective, with_references
 from .runs import (
     DATA_FILE,
     LOSS_FILE,
     RUN_FILE,
     check_free_space,
     check_output,
+    is_run,
     model_card,
     output_lock,
+    read_run_info,
     staged_run,
     write_examples,
     write_json,
@@ -52,6 +55,11 @@ from .templates import Template, choose_template
 
 FULL_LR = 1e-4  # 2e-4 won on the tuning half, lost on the check half: docs/benchmarks.md
 LORA_LR = 2e-3  # adapters start at zero and are few: they need larger steps
+# DPO moves a tuned model away from its own answers: far smaller steps than teaching
+# (TRL's default is 1e-6 for large models). ORPO teaches from a base, as supervised
+# training does, and takes its rates.
+DPO_LR = 5e-6
+DPO_LORA_LR = 5e-5
 
 
 @dataclass(frozen=True)
@@ -63,7 +71,7 @@ class TrainSettings:
     epochs: int | None = None  # None: chosen from the file's size (budget.py)
     min_steps: int = MIN_STEPS  # with epochs None: train at least this many steps
     schedule: str = DEFAULT_SCHEDULE  # of the learning rate after warm-up: budget.SCHEDULES
-    lr: float | None = None  # None: FULL_LR, or LORA_LR with lora
+    lr: float | None = None  # None: FULL_LR, or LORA_LR with lora (DPO: DPO_LR, DPO_LORA_LR)
     batch_size: int = 8
     max_length: int = 512
     seed: int = 42
@@ -79,10 +87,18 @@ class TrainSettings:
     lora_dropout: float = 0.05
     lora_targets: str = "auto"  # module names separated by commas; auto: per architecture
     save_every: int = 0  # steps between checkpoints (0: none); see checkpoints.py
+    method: str = "sft"  # sft: supervised; dpo or orpo: from preference pairs (preference.py)
+    beta: float = DEFAULT_BETA  # DPO's beta, ORPO's lambda
 
     def resolved(self) -> "TrainSettings":
         """These settings with the defaults that depend on others filled in."""
+        if self.method == "dpo":
+            return replace(self, lr=self.lr or (DPO_LORA_LR if self.lora else DPO_LR))
         return replace(self, lr=self.lr or (LORA_LR if self.lora else FULL_LR))
+
+    @property
+    def preference(self) -> bool:
+        return self.method != "sft"
 
     def lora_settings(self) -> LoraSettings:
         return LoraSettings(self.lora_rank, self.lora_alpha, self.lora_dropout,
@@ -104,6 +120,8 @@ class TrainSettings:
             ("lora_alpha", self.lora_alpha > 0, "above 0"),
             ("lora_dropout", 0 <= self.lora_dropout < 1, "in [0, 1)"),
             ("save_every", self.save_every >= 0, "0 or more"),
+            ("method", self.method in METHODS, " or ".join(METHODS)),
+            ("beta", self.beta > 0, "above 0"),
         ) if not ok]
         if problems:
             raise InstructlmError("; ".join(problems))
@@ -119,7 +137,7 @@ def train(file: str | Path, output: str | Path | None = None,
     """Train on an instruction file and save a run; return the run directory."""
     settings.check()
     output = Path(output) if output else default_output(file)
-    data = read_instruction_file(file)
+    data = read_instruction_file(file, preferences=settings.preference)
     with _one_training(output):
         folder = checkpoints.checkpoint_dir(output)
         checkpoints.tidy(folder)
@@ -139,7 +157,8 @@ def resume(output: str | Path, report: Report = print, progress: bool = True) ->
         folder = checkpoints.checkpoint_dir(output)
         checkpoints.tidy(folder)
         about = checkpoints.read_about(folder)
-        data = read_instruction_file(about["file"])
+        data = read_instruction_file(about["file"],
+                                     preferences=about["settings"].get("method", "sft") != "sft")
         if data.sha256 != about["sha256"]:
             raise InstructlmError(f"{about['file']} has changed since the interrupted run "
                                   "began", hint="resuming needs the same examples; train "
@@ -205,9 +224,14 @@ def _prepare(data: InstructionSet, output: Path, settings: TrainSettings, accele
     fsdp = fsdp_plugin(accelerator) if accelerator else None
     for warning in data.warnings:
         report(f"warning: {warning}")
+    if fsdp and settings.preference:
+        raise InstructlmError("preference tuning does not run sharded (FSDP) yet",
+                              hint="launch with DDP (distributed_type MULTI_GPU), or in one "
+                                   "process")
     source, tokenizer, template = load_tokenizer_and_template(settings, data, report)
-    train_set = encode_reporting(data.train, template, tokenizer, settings, report)
-    eval_set = encode_reporting(data.eval, template, tokenizer, settings, report)
+    encode = encode_pairs_reporting if settings.preference else encode_reporting
+    train_set = encode(data.train, template, tokenizer, settings, report)
+    eval_set = encode(data.eval, template, tokenizer, settings, report)
     if not train_set:
         raise InstructlmError(f"{data.path}: no training example fits --max-length "
                               f"{settings.max_length}", hint="raise --max-length")
@@ -219,8 +243,15 @@ def _prepare(data: InstructionSet, output: Path, settings: TrainSettings, accele
     model = load_for_training(source, settings, device, precision)
     adapted = add_lora(model, settings.lora_settings()) if settings.lora else None
     lora = adapter_summary(adapted) if adapted else None
+    objective = None
+    if settings.preference:
+        objective = PreferenceObjective(settings.method, settings.beta)
+        if settings.method == "dpo":  # the reference: the model before training, once
+            train_set, eval_set = (
+                with_references(model, pairs, settings.batch_size, tokenizer.pad_token_id,
+                                device, precision, adapted) for pairs in (train_set, eval_set))
     trainee = Trainee(model, train_set, eval_set, tokenizer.pad_token_id, device, precision,
-                      accelerator, fsdp)
+                      accelerator, fsdp, objective)
     if trainee.main:
         _check_disk(output, adapted or model, settings.save_every > 0)
     processes = ""
@@ -228,11 +259,17 @@ def _prepare(data: InstructionSet, output: Path, settings: TrainSettings, accele
         n = accelerator.num_processes
         processes = f" in {n} process{'es' if n > 1 else ''}" + (" (FSDP)" if fsdp else "")
     what = _describe_lora(lora) if lora else ""
-    report(f"Training {_base_name(settings.base)}{what} on {len(train_set)} examples "
+    kind = "preference pairs" if settings.preference else "examples"
+    report(f"Training {_base_name(settings.base)}{what} on {len(train_set)} {kind} "
            f"({len(eval_set)} for evaluation), template {template.name}, {precision} on "
            f"{device}{processes}")
     report(f"Budget: {budget.why}; learning rate {settings.lr:g}, {settings.schedule} "
            "schedule")
+    if settings.preference:
+        reference = {"dpo": "the reference: the starting model" + (
+            " with its adapters off" if adapted else "") + ", computed once",
+            "orpo": "no reference"}[settings.method]
+        report(f"Preference: {settings.method.upper()}, beta {settings.beta:g}; {reference}")
     return Prepared(trainee, settings, budget, source, tokenizer, template, adapted, lora)
 
 
@@ -301,7 +338,10 @@ def load_tokenizer_and_template(settings: TrainSettings, data: InstructionSet,
     """The base model's source, its tokenizer, and the template the examples are shown in."""
     source = resolve_base(settings.base)
     tokenizer = load_tokenizer(source, settings.trust_remote_code)
-    template = choose_template(settings.template, tokenizer)
+    if is_run(source) and settings.template == "auto":  # a tuned run goes on in its own
+        template = Template.from_dict(read_run_info(source)["template"])
+    else:
+        template = choose_template(settings.template, tokenizer)
     if template.name != "chat" and any(ex.history for ex in data.train):
         report(f"warning: earlier chat turns are not shown by the {template.name} template; "
                "use --template chat to train on them")
@@ -318,6 +358,16 @@ def encode_reporting(examples: list[Example], template: Template, tokenizer: Any
     return encoded
 
 
+def encode_pairs_reporting(examples: list[Example], template: Template, tokenizer: Any,
+                           settings: TrainSettings, report: Report) -> list[EncodedPair]:
+    """Encoded preference pairs; the ones that do not fit are dropped with a warning."""
+    encoded, warnings = encode_pairs(examples, template, tokenizer, settings.max_length,
+                                     settings.end_token)
+    for warning in warnings:
+        report(f"warning: {warning}")
+    return encoded
+
+
 def load_for_training(source: str, settings: TrainSettings, device: str,
                       precision: str) -> Any:
     """The base model on `device`, ready to train in `precision`.
@@ -329,7 +379,7 @@ def load_for_training(source: str, settings: TrainSettings, device: str,
 
     torch.manual_seed(settings.seed)  # the same start in every process
     dtype = torch.bfloat16 if settings.lora and precision == "bf16" else torch.float32
-    return load_model(source, settings.trust_remote_code, dtype).to(device)
+    return load_weights(source, settings.trust_remote_code, dtype).to(device)
 
 
 def unsharded(weights: dict[str, Any], source: str, settings: TrainSettings, device: str,
@@ -406,5 +456,8 @@ def _run_info(output: Path, run: Prepared, data: InstructionSet, losses: list[di
             "train_seconds": round(seconds, 3),
             "train_tokens": sum(r.get("tokens", 0) for r in losses),
             "train_padded_tokens": sum(r.get("padded_tokens", 0) for r in losses),
+            # preference tuning: the held-out pairs after each epoch
+            "rewards": [{k: r[k] for k in ("epoch", "reward_accuracy", "reward_margin")}
+                        for r in losses if "reward_accuracy" in r],
         },
     }
