@@ -269,3 +269,18 @@ def test_dpo_steps_match_trls_dpo_trainer(tmp_path, write, tiny_base, tiny_token
     assert ours[0] == pytest.approx(math.log(2), abs=1e-4)
     assert ours == pytest.approx(theirs, abs=2e-3)
     assert ours[-1] < ours[0] - 0.05  # and they moved: the comparison is not of constants
+
+
+def test_the_command_line_trains_dpo_and_inspects_pairs(tmp_path, write, sft_run, capsys):
+    from instructlm.cli import main
+
+    path = write("pairs.txt", PAIRS)
+    assert main(["inspect", str(path), "--pairs", "--no-tokens"]) == 0
+    shown = capsys.readouterr().out
+    assert "chosen:   No." in shown and "rejected: No, fire is hot" in shown
+    assert main(["train", str(path), "--method", "dpo", "--base", str(sft_run), "--epochs",
+                 "2", "--lr", "1e-3", "--quiet", "-o", str(tmp_path / "dpo")]) == 0
+    out = capsys.readouterr().out
+    assert "on 4 preference pairs (1 for evaluation)" in out
+    assert "Preference: DPO, beta 0.1; the reference: the starting model" in out
+    assert "reward accuracy" in out and "Held-out answers:" in out

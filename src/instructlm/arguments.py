@@ -235,5 +235,8 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]
     p.add_argument("--template", help="template used for the token counts (default: as train)")
     p.add_argument("--no-tokens", action="store_true",
                    help="skip token counts (no model needed)")
+    p.add_argument("--pairs", action="store_true",
+                   help="read preference pairs, as train --method dpo|orpo does: lines "
+                        "instruction#chosen#rejected")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return parser, parsers

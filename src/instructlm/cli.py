@@ -229,7 +229,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     quiet_libraries()
     report = inspect_file(args.file, base=args.base, template=args.template,
-                          tokens=not args.no_tokens)
+                          tokens=not args.no_tokens, preferences=args.pairs)
     if args.json:
         print(json.dumps(report, ensure_ascii=False, indent=2))
         return 0
@@ -239,6 +239,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         if stats:
             print(f"  {split}: tokens per example (template {report['template']}): "
                   f"min {stats['min']}, mean {stats['mean']}, max {stats['max']}")
+    if args.pairs:
+        for split in ("train", "eval"):
+            for ex in report[split]:
+                print(f"{split} {ex['source']}: {ex['instruction']}\n  chosen:   "
+                      f"{ex['response']}\n  rejected: {ex['rejected'] or '(none)'}")
     for warning in report["warnings"]:
         print(f"warning: {warning}")
     return 0

@@ -228,7 +228,7 @@ def _check_kind(name: str, fmt: str, pairs: list[tuple[Example, str]],
         raise InstructionFileError(
             name, None, "holds preference pairs (prompt, chosen, rejected)",
             hint="train them with --method dpo (from a tuned run: --base RUN) or "
-                 "--method orpo")
+                 "--method orpo; inspect them with --pairs")
 
 
 def _looks_like_pairs(name: str, fmt: str, lines: list[str], preferences: bool) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +13,10 @@ TOKEN_COUNT_MAX_LENGTH = 1_000_000  # count everything; truncation is train's bu
 
 
 def inspect_file(file: str | Path, base: str | None = None, template: str | None = None,
-                 tokens: bool = True) -> dict[str, Any]:
-    """A JSON-ready report: parsed examples, token length statistics, warnings."""
-    data = read_instruction_file(file)
+                 tokens: bool = True, preferences: bool = False) -> dict[str, Any]:
+    """A JSON-ready report: parsed examples (with `preferences`, pairs: a `rejected`
+    answer beside the chosen `response`), token length statistics, warnings."""
+    data = read_instruction_file(file, preferences=preferences)
     report: dict[str, Any] = {
         "file": data.path, "format": data.format, "sha256": data.sha256,
         "train": [ex.to_dict() for ex in data.train],
@@ -33,6 +35,11 @@ def inspect_file(file: str | Path, base: str | None = None, template: str | None
     for split, examples in (("train", data.train), ("eval", data.eval)):
         encoded, _ = encode_examples(examples, chosen, tokenizer, TOKEN_COUNT_MAX_LENGTH)
         lengths = [len(e.input_ids) for e in encoded]
+        if data.pairs:  # a pair is as long as its longer answer
+            other, _ = encode_examples([replace(ex, response=ex.rejected or ex.response)
+                                        for ex in examples], chosen, tokenizer,
+                                       TOKEN_COUNT_MAX_LENGTH)
+            lengths = [max(a, len(b.input_ids)) for a, b in zip(lengths, other, strict=True)]
         report["token_stats"][split] = lengths and {
             "min": min(lengths), "mean": round(sum(lengths) / len(lengths), 1),
             "max": max(lengths), "total": sum(lengths)}
