@@ -108,6 +108,10 @@ def test_dpo_loss_is_ln2_when_the_policy_is_the_reference():
                         torch.tensor([2, 5, 3, 1]), reference=logps)
     assert float(moved.loss) < math.log(2)  # the chosen answers became likelier
     assert moved.chosen.tolist() == pytest.approx([0.1, 0.1])
+    # with the chosen answers' cross-entropy: 10.5 nats over their 7 tokens
+    both = pair_scores("dpo", 0.1, logps, torch.tensor([2, 5, 3, 1]), reference=logps,
+                       nll_weight=1.0)
+    assert float(both.loss) == pytest.approx(math.log(2) + 10.5 / 7, abs=1e-6)
 
 
 def test_orpo_loss_matches_its_formula():
@@ -149,7 +153,7 @@ def test_dpo_from_a_run_starts_at_ln2_and_prefers_the_chosen(tmp_path, write, sf
     messages = []
     run = train(write("pairs.txt", PAIRS), tmp_path / "dpo",
                 tiny_settings(str(sft_run), template="auto", method="dpo", lr=1e-3, epochs=5,
-                              batch_size=4, warmup_ratio=0.0),
+                              batch_size=4, warmup_ratio=0.0, nll_weight=0.0),
                 report=messages.append, progress=False)
     records = _loss_records(run)
     assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # one batch: all pairs
@@ -167,7 +171,8 @@ def test_dpo_with_lora_uses_the_adapter_off_model_as_reference(tmp_path, write, 
 
     run = train(write("pairs.txt", PAIRS), tmp_path / "dpo-lora",
                 tiny_settings(str(sft_run), template="auto", method="dpo", lora=True,
-                              lr=1e-2, epochs=4, batch_size=4, warmup_ratio=0.0),
+                              lr=1e-2, epochs=4, batch_size=4, warmup_ratio=0.0,
+                              nll_weight=0.0),
                 report=lambda m: None, progress=False)
     assert _loss_records(run)[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
     info = json.loads((run / "instructlm.json").read_text())
@@ -194,7 +199,7 @@ def test_dpo_resumes_from_a_checkpoint_as_if_never_stopped(tmp_path, write, sft_
 
     path = write("pairs.txt", PAIRS)
     settings = tiny_settings(str(sft_run), template="auto", method="dpo", lr=1e-3, epochs=4,
-                             batch_size=2, save_every=3)
+                             batch_size=2, save_every=3)  # with the default cross-entropy
     whole = train(path, tmp_path / "whole", settings, report=lambda m: None, progress=False)
     # An interruption after step 3: the checkpoint of a second run, and no run yet.
     part = tmp_path / "part"
@@ -224,15 +229,21 @@ def test_preference_methods_refuse_what_they_cannot_do(tmp_path, write, tiny_bas
         TrainSettings(method="kto").check()
     with pytest.raises(InstructlmError, match="--beta must be"):
         TrainSettings(method="dpo", beta=0).check()
+    with pytest.raises(InstructlmError, match="--nll-weight must be"):
+        TrainSettings(method="dpo", nll_weight=-1).check()
     with pytest.raises(InstructionFileError, match="no rejected answer"):
         train(write("plain.txt", "a#b\n"), tmp_path / "x",
               tiny_settings(tiny_base, method="dpo"), report=lambda m: None, progress=False)
     assert not (tmp_path / "x").exists()
 
 
-def test_dpo_steps_match_trls_dpo_trainer(tmp_path, write, tiny_base, tiny_tokenizer):
+@pytest.mark.parametrize("nll_weight, loss_type", [(0.0, ["sigmoid"]),
+                                                   (1.0, ["sigmoid", "sft"])])
+def test_dpo_steps_match_trls_dpo_trainer(tmp_path, write, tiny_base, tiny_tokenizer,
+                                          nll_weight, loss_type):
     """The same pairs, model, optimizer and schedule: the losses of every step agree with
-    those of TRL's DPOTrainer (sigmoid loss, reference log-probs precomputed)."""
+    those of TRL's DPOTrainer (sigmoid loss, reference log-probs precomputed; with the
+    chosen answers' cross-entropy added, TRL's "sft" loss beside it)."""
     import warnings
 
     from datasets import Dataset
@@ -246,7 +257,8 @@ def test_dpo_steps_match_trls_dpo_trainer(tmp_path, write, tiny_base, tiny_token
     steps = 4
     run = train(write("train.txt", PAIRS), tmp_path / "ours",
                 tiny_settings(tiny_base, method="dpo", lr=1e-3, epochs=steps, batch_size=4,
-                              warmup_ratio=0.0, schedule="constant", weight_decay=0.0),
+                              warmup_ratio=0.0, schedule="constant", weight_decay=0.0,
+                              nll_weight=nll_weight),
                 report=lambda m: None, progress=False)
     ours = [r["loss"] for r in _loss_records(run) if "loss" in r]
 
@@ -256,6 +268,7 @@ def test_dpo_steps_match_trls_dpo_trainer(tmp_path, write, tiny_base, tiny_token
     args = DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4,
                      max_steps=steps, learning_rate=1e-3, lr_scheduler_type="constant",
                      warmup_steps=0, weight_decay=0.0, beta=0.1, max_grad_norm=1.0,
+                     loss_type=loss_type, loss_weights=[1.0] * len(loss_type),
                      precompute_ref_log_probs=True, logging_steps=1, report_to=[],
                      save_strategy="no", use_cpu=True, seed=0, max_length=None)
     with warnings.catch_warnings():
@@ -266,7 +279,10 @@ def test_dpo_steps_match_trls_dpo_trainer(tmp_path, write, tiny_base, tiny_token
         trainer.train()
     theirs = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     assert len(theirs) == len(ours) == steps
-    assert ours[0] == pytest.approx(math.log(2), abs=1e-4)
+    if not nll_weight:
+        assert ours[0] == pytest.approx(math.log(2), abs=1e-4)
+    else:
+        assert ours[0] > math.log(2) + 1  # the chosen answers' loss, on a random model
     assert ours == pytest.approx(theirs, abs=2e-3)
     assert ours[-1] < ours[0] - 0.05  # and they moved: the comparison is not of constants
 
@@ -283,4 +299,5 @@ def test_the_command_line_trains_dpo_and_inspects_pairs(tmp_path, write, sft_run
     out = capsys.readouterr().out
     assert "on 4 preference pairs (1 for evaluation)" in out
     assert "Preference: DPO, beta 0.1; the reference: the starting model" in out
+    assert "cross-entropy added with weight 1" in out
     assert "reward accuracy" in out and "Held-out answers:" in out

@@ -126,7 +126,7 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]
                    help="save a checkpoint every N steps, beside the run (default: none)")
     p.add_argument("--resume", metavar="RUN",
                    help="continue the interrupted run RUN from its last checkpoint")
-    from .preference import DEFAULT_BETA, METHODS
+    from .preference import DEFAULT_BETA, DEFAULT_NLL_WEIGHT, METHODS
     from .train import DPO_LORA_LR, DPO_LR
 
     taste = p.add_argument_group(
@@ -140,6 +140,9 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]
                        help=f"DPO's beta, ORPO's lambda (default {DEFAULT_BETA:g}); the "
                             f"learning rate for dpo defaults to {DPO_LR:g} ({DPO_LORA_LR:g} "
                             "with --lora)")
+    taste.add_argument("--nll-weight", type=float,
+                       help=f"dpo: weight of the chosen answers' cross-entropy added to the "
+                            f"loss (default {DEFAULT_NLL_WEIGHT:g}; 0: DPO alone)")
 
     p = add("ask")
     p.add_argument("run", help="a trained run folder, or a base model to see untuned answers "

@@ -80,8 +80,8 @@ def fit(trainee: Trainee, settings: TrainSettings, report: Report, progress: boo
         if not t.eval_set or not (t.main or t.fsdp is not None):
             return
         if t.objective is not None:  # held-out pairs: loss and rewards
-            pairs = pair_metrics(t.model, t.eval_set, t.objective.method, t.objective.beta,
-                                 settings.batch_size, t.pad_id, t.device, t.precision)
+            pairs = pair_metrics(t.model, t.eval_set, t.objective, settings.batch_size,
+                                 t.pad_id, t.device, t.precision)
             eval_loss = pairs.pop("loss")
             rewards = {k: round(v, 5) for k, v in pairs.items()}
         else:

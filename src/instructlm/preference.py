@@ -7,7 +7,10 @@ Two objectives, as TRL computes them:
   `-log sigmoid(beta * ((chosen - ref_chosen) - (rejected - ref_rejected)))`, ln 2 at the
   first step, where the policy is the reference. The reference's log-probabilities are
   computed once, before training (`with_references`), so no second model is kept in memory;
-  with LoRA the reference is the base with its adapters switched off.
+  with LoRA the reference is the base with its adapters switched off. `nll_weight` adds the
+  chosen answers' cross-entropy (RPO, Pang et al. 2024; TRL's `sft` loss beside `sigmoid`):
+  pure DPO also lowers the chosen answers' likelihood while it widens the gap, and the
+  greedy answers of a small model fell apart (docs/benchmarks.md).
 * **ORPO** (Hong et al. 2024), without a reference: the chosen answer's cross-entropy, minus
   `beta * log sigmoid(log odds ratio)` of the two answers' mean token probabilities.
 
@@ -27,6 +30,7 @@ from .encode import IGNORE_INDEX, EncodedPair
 
 METHODS = ("sft", "dpo", "orpo")
 DEFAULT_BETA = 0.1
+DEFAULT_NLL_WEIGHT = 1.0  # DPO's added cross-entropy of the chosen answers
 
 
 @dataclass
@@ -64,26 +68,28 @@ def sequence_logps(model: Any, batch: dict[str, Any], device: str,
 
 
 def pair_scores(method: str, beta: float, logps: Any, counts: Any,
-                reference: Any = None) -> PairScores:
+                reference: Any = None, nll_weight: float = 0.0) -> PairScores:
     """The loss and rewards of a batch laid out as `collate_pairs` does (chosen rows, then
     rejected rows)."""
     import torch.nn.functional as F
 
     chosen, rejected = logps.chunk(2)
+    n_chosen, n_rejected = counts.chunk(2)
+    nll = -chosen.sum() / n_chosen.sum()  # the chosen answers' mean loss per token
     if method == "dpo":
         ref_chosen, ref_rejected = reference.to(logps.device).chunk(2)
         chosen_reward = beta * (chosen - ref_chosen)
         rejected_reward = beta * (rejected - ref_rejected)
         loss = -F.logsigmoid(chosen_reward - rejected_reward).mean()
+        if nll_weight:
+            loss = loss + nll_weight * nll
         return PairScores(loss, chosen_reward.detach(), rejected_reward.detach())
     if method == "orpo":
-        n_chosen, n_rejected = counts.chunk(2)
         mean_chosen, mean_rejected = chosen / n_chosen, rejected / n_rejected
         # log(p / (1 - p)) of each answer's mean token probability p; log(-expm1(x)) is
         # log(1 - e^x) without losing digits near p = 1
         log_odds = (mean_chosen - mean_rejected) \
             - (_log1m_exp(mean_chosen) - _log1m_exp(mean_rejected))
-        nll = -chosen.sum() / n_chosen.sum()
         loss = nll - beta * F.logsigmoid(log_odds).mean()
         return PairScores(loss, (beta * mean_chosen).detach(), (beta * mean_rejected).detach())
     raise ValueError(f"unknown preference method {method!r}")
@@ -98,12 +104,15 @@ def _log1m_exp(x: Any) -> Any:
 class PreferenceObjective:
     """The training loss of a batch of pairs (what `optimize.loss_module` calls)."""
 
-    def __init__(self, method: str, beta: float) -> None:
-        self.method, self.beta = method, beta
+    def __init__(self, method: str, beta: float, nll_weight: float = 0.0) -> None:
+        self.method, self.beta, self.nll_weight = method, beta, nll_weight
+
+    def scores(self, logps: Any, counts: Any, reference: Any) -> PairScores:
+        return pair_scores(self.method, self.beta, logps, counts, reference, self.nll_weight)
 
     def __call__(self, model: Any, batch: dict[str, Any], device: str, precision: str) -> Any:
         logps, counts = sequence_logps(model, batch, device, precision)
-        return pair_scores(self.method, self.beta, logps, counts, batch.get("reference")).loss
+        return self.scores(logps, counts, batch.get("reference")).loss
 
 
 def with_references(model: Any, pairs: list[EncodedPair], batch_size: int, pad_id: int,
@@ -128,7 +137,7 @@ def with_references(model: Any, pairs: list[EncodedPair], batch_size: int, pad_i
     return out
 
 
-def pair_metrics(model: Any, pairs: list[EncodedPair], method: str, beta: float,
+def pair_metrics(model: Any, pairs: list[EncodedPair], objective: PreferenceObjective,
                  batch_size: int, pad_id: int, device: str, precision: str) -> dict[str, float]:
     """Loss, reward accuracy and reward margin over `pairs`, without touching gradients."""
     import torch
@@ -141,7 +150,7 @@ def pair_metrics(model: Any, pairs: list[EncodedPair], method: str, beta: float,
             chunk = pairs[start:start + batch_size]
             batch = collate_pairs(chunk, pad_id)
             logps, counts = sequence_logps(model, batch, device, precision)
-            scores = pair_scores(method, beta, logps, counts, batch.get("reference"))
+            scores = objective.scores(logps, counts, batch.get("reference"))
             losses.append(float(scores.loss) * len(chunk))
             chosen += scores.chosen.tolist()
             rejected += scores.rejected.tolist()

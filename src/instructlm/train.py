@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -34,7 +35,13 @@ from .evaluate import EvalResult, EvalSet, Report, evaluate
 from .fit import Trainee, fit
 from .formats import Example, InstructionSet, read_instruction_file
 from .optimize import TrainStep
-from .preference import DEFAULT_BETA, METHODS, PreferenceObjective, with_references
+from .preference import (
+    DEFAULT_BETA,
+    DEFAULT_NLL_WEIGHT,
+    METHODS,
+    PreferenceObjective,
+    with_references,
+)
 from .runs import (
     DATA_FILE,
     LOSS_FILE,
@@ -58,8 +65,9 @@ LORA_LR = 2e-3  # adapters start at zero and are few: they need larger steps
 # DPO moves a tuned model away from its own answers: far smaller steps than teaching
 # (TRL's default is 1e-6 for large models). ORPO teaches from a base, as supervised
 # training does, and takes its rates.
-DPO_LR = 5e-6
-DPO_LORA_LR = 5e-5
+DPO_LR = 2e-5
+DPO_LORA_LR = 2e-4
+DPO_EPOCHS = 3  # TRL's default too
 
 
 @dataclass(frozen=True)
@@ -89,6 +97,7 @@ class TrainSettings:
     save_every: int = 0  # steps between checkpoints (0: none); see checkpoints.py
     method: str = "sft"  # sft: supervised; dpo or orpo: from preference pairs (preference.py)
     beta: float = DEFAULT_BETA  # DPO's beta, ORPO's lambda
+    nll_weight: float = DEFAULT_NLL_WEIGHT  # DPO: the chosen answers' cross-entropy added
 
     def resolved(self) -> "TrainSettings":
         """These settings with the defaults that depend on others filled in."""
@@ -122,6 +131,7 @@ class TrainSettings:
             ("save_every", self.save_every >= 0, "0 or more"),
             ("method", self.method in METHODS, " or ".join(METHODS)),
             ("beta", self.beta > 0, "above 0"),
+            ("nll_weight", self.nll_weight >= 0, "0 or more"),
         ) if not ok]
         if problems:
             raise InstructlmError("; ".join(problems))
@@ -235,8 +245,14 @@ def _prepare(data: InstructionSet, output: Path, settings: TrainSettings, accele
     if not train_set:
         raise InstructlmError(f"{data.path}: no training example fits --max-length "
                               f"{settings.max_length}", hint="raise --max-length")
-    budget = choose_budget(len(train_set), settings.batch_size, settings.epochs,
-                           settings.min_steps)
+    if settings.method == "dpo" and settings.epochs is None:
+        # DPO nudges a run that answers in form already: the minimum of steps that
+        # teaching needs over-fitted the pairs (docs/benchmarks.md)
+        budget = Budget(DPO_EPOCHS, math.ceil(len(train_set) / settings.batch_size)
+                        * DPO_EPOCHS, f"{DPO_EPOCHS} epochs, as DPO takes by default")
+    else:
+        budget = choose_budget(len(train_set), settings.batch_size, settings.epochs,
+                               settings.min_steps)
     settings = replace(settings, epochs=budget.epochs)  # saved so: a resumed run keeps it
     device = _device_name(accelerator.device) if accelerator else pick_device(settings.device)
     precision = _precision(settings.precision, device, accelerator, fsdp)
@@ -245,7 +261,8 @@ def _prepare(data: InstructionSet, output: Path, settings: TrainSettings, accele
     lora = adapter_summary(adapted) if adapted else None
     objective = None
     if settings.preference:
-        objective = PreferenceObjective(settings.method, settings.beta)
+        objective = PreferenceObjective(settings.method, settings.beta,
+                                        settings.nll_weight if settings.method == "dpo" else 0)
         if settings.method == "dpo":  # the reference: the model before training, once
             train_set, eval_set = (
                 with_references(model, pairs, settings.batch_size, tokenizer.pad_token_id,
@@ -267,7 +284,8 @@ def _prepare(data: InstructionSet, output: Path, settings: TrainSettings, accele
            "schedule")
     if settings.preference:
         reference = {"dpo": "the reference: the starting model" + (
-            " with its adapters off" if adapted else "") + ", computed once",
+            " with its adapters off" if adapted else "") + ", computed once; the chosen "
+            f"answers' cross-entropy added with weight {settings.nll_weight:g}",
             "orpo": "no reference"}[settings.method]
         report(f"Preference: {settings.method.upper()}, beta {settings.beta:g}; {reference}")
     return Prepared(trainee, settings, budget, source, tokenizer, template, adapted, lora)
