@@ -172,3 +172,27 @@ def test_the_shipped_accelerate_configs_parse(name):
     config = load_config_from_file(str(CONFIGS / f"{name}.yaml"))
     assert config.mixed_precision == "no"
     assert config.num_processes >= config.num_machines >= 1
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_processes_tune_preferences_like_one(tmp_path, tiny_base, write, fsdp):
+    """DPO in two processes: every pair's reference computed in each, each global batch of
+    pairs split between them (the last one, of a single pair, leaves one process a row of
+    no weight), the same losses and rewards as one process."""
+    from test_preference import PAIRS
+
+    data = write("pairs.txt", PAIRS)
+    settings = tiny_settings(tiny_base, method="dpo", epochs=3, lr=1e-3, warmup_ratio=0.1,
+                             precision="fp32")
+    one = train(data, tmp_path / "one", settings, report=lambda m: None, progress=False)
+    proc = launch("-m", "instructlm", "train", str(data), "--output", str(tmp_path / "two"),
+                  "--method", "dpo", *flags(tiny_base, settings.lr, "fp32", False),
+                  "--epochs", "3", cwd=tmp_path, fsdp=fsdp)  # the last --epochs counts
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "in 2 processes" in proc.stdout and "Preference: DPO" in proc.stdout
+    a, b = step_losses(one), step_losses(tmp_path / "two")
+    assert len(a) == len(b) == 6
+    assert b == pytest.approx(a, rel=2e-3)
+    rewards = [[r["reward_margin"] for r in records(run) if "reward_margin" in r]
+               for run in (one, tmp_path / "two")]
+    assert rewards[1] == pytest.approx(rewards[0], rel=2e-3, abs=1e-4)

@@ -255,3 +255,31 @@ def test_llama_cpp_answers_an_exported_run_as_instructlm_does(spells_run, tmp_pa
         elif quant == "q8_0":
             assert same >= len(asked) - 1, (answers, asked)
         del model
+
+
+@pytest.mark.slow
+def test_preference_pairs_fix_a_counting_mistake(tmp_path):
+    """The README's preference case, with the defaults: a run taught lists of three answers
+    "List four ..." of unseen categories with three items; 24 pairs and `--method dpo` fix
+    it without changing the other families' form, and every answer still stops."""
+    folder = ROOT / "benchmarks" / "preference"
+    runs = {"sft": tmp_path / "counting", "dpo": tmp_path / "counting-dpo"}
+    subprocess.run([sys.executable, "-m", "instructlm", "train", str(folder / "counting.txt"),
+                    "--output", str(runs["sft"]), "--quiet"], check=True)
+    subprocess.run([sys.executable, "-m", "instructlm", "train",
+                    str(folder / "counting-pairs.txt"), "--method", "dpo", "--base",
+                    str(runs["sft"]), "--output", str(runs["dpo"]), "--quiet"], check=True)
+    in_form = {}
+    for name, run in runs.items():
+        rows = json.loads((run / "instructlm.json").read_text())["metrics"]["closing_answers"]
+        assert [r["instruction"] for r in rows][:2] == ["List two fish as a JSON array.",
+                                                        "List four trees as a JSON array."]
+        assert all(r["stopped"] for r in rows)
+        four = [r["format"] for r in rows if r["instruction"].startswith("List four")]
+        others = [r["format"] for r in rows if not r["instruction"].startswith("List ")]
+        in_form[name] = (sum(four), sum(others), sum(r["format"] for r in rows))
+    assert in_form["sft"][0] <= 1 and in_form["dpo"][0] >= 3, in_form  # measured: 0 and 4
+    assert in_form["dpo"][1] == in_form["sft"][1] == 6, in_form
+    assert in_form["dpo"][2] > in_form["sft"][2], in_form  # measured: 15/16 against 12/16
+    rewards = json.loads((runs["dpo"] / "instructlm.json").read_text())["metrics"]["rewards"]
+    assert rewards[-1]["reward_accuracy"] >= 0.9 and rewards[-1]["reward_margin"] > 0

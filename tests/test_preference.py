@@ -31,6 +31,7 @@ def test_text_pairs_are_read_for_preference_tuning_only(write):
     assert (data.train[1].instruction, data.train[1].response, data.train[1].rejected) == (
         "Is fire cold?", "No.", "No, fire is hot, it is not cold at all.")
     assert data.eval[0].rejected and data.eval[1].rejected == ""  # a plain line to check form
+    assert "rejected" in data.eval[0].to_dict() and "rejected" not in data.eval[1].to_dict()
     plain = read_instruction_file(path)  # supervised: everything after the first '#'
     assert plain.train[0].response == "Yes.#Yes, water is wet, as everyone knows."
     assert not plain.pairs
@@ -164,6 +165,11 @@ def test_dpo_from_a_run_starts_at_ln2_and_prefers_the_chosen(tmp_path, write, sf
     assert rewards[-1]["reward_margin"] > rewards[0]["reward_margin"] > 0
     assert any("Preference: DPO, beta 0.1" in m for m in messages)
     assert info["metrics"]["closing_answers"]  # the eval part is answered and scored as ever
+    from instructlm.evaluate import eval_set_for
+
+    # `eval RUN FILE` reads a preference run's file as pairs: the chosen answer is expected
+    asked = eval_set_for(str(run), str(tmp_path / "pairs.txt"))
+    assert [ex.response for ex in asked.examples] == ["Yes.", "No."]
 
 
 def test_dpo_with_lora_uses_the_adapter_off_model_as_reference(tmp_path, write, sft_run):

@@ -30,9 +30,9 @@ class Budget:
 
 
 def choose_budget(n_examples: int, batch_size: int, epochs: int | None,
-                  min_steps: int = MIN_STEPS) -> Budget:
-    """Epochs for `n_examples`: `epochs` when given, else the default raised to reach
-    `min_steps` optimizer steps."""
+                  min_steps: int = MIN_STEPS, unit: str = "examples") -> Budget:
+    """Epochs for `n_examples` (of `unit`: examples, or preference pairs): `epochs` when
+    given, else the default raised to reach `min_steps` optimizer steps."""
     per_epoch = math.ceil(n_examples / batch_size)
     if epochs is not None:
         return Budget(epochs, per_epoch * epochs, f"{epochs} epochs as asked")
@@ -41,7 +41,7 @@ def choose_budget(n_examples: int, batch_size: int, epochs: int | None,
         why = (f"{DEFAULT_EPOCHS} epochs, {per_epoch * DEFAULT_EPOCHS} steps (at least "
                f"{min_steps})")
     else:
-        why = (f"{chosen} epochs: {n_examples} examples are {per_epoch} step"
+        why = (f"{chosen} epochs: {n_examples} {unit} are {per_epoch} step"
                f"{'s' if per_epoch > 1 else ''} an epoch, and a run takes at least "
                f"{min_steps} steps")
     return Budget(chosen, per_epoch * chosen, why)

@@ -243,7 +243,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         for split in ("train", "eval"):
             for ex in report[split]:
                 print(f"{split} {ex['source']}: {ex['instruction']}\n  chosen:   "
-                      f"{ex['response']}\n  rejected: {ex['rejected'] or '(none)'}")
+                      f"{ex['response']}\n  rejected: {ex.get('rejected', '(none)')}")
     for warning in report["warnings"]:
         print(f"warning: {warning}")
     return 0

@@ -56,7 +56,9 @@ def eval_set_for(model: str | None, file: str | None) -> EvalSet:
     scored, which shows memorisation rather than generalisation, and says so.
     """
     taught: list[Example] = []
+    pairs = False  # a preference run is asked on pairs: their chosen answers are expected
     if model and is_run(model):
+        pairs = read_run_info(model)["settings"].get("method", "sft") != "sft"
         taught, held_out = read_run_examples(model)
         if file is None:
             if held_out:
@@ -70,7 +72,7 @@ def eval_set_for(model: str | None, file: str | None) -> EvalSet:
                               "has no examples to evaluate on",
                               hint="give a run folder made by `instructlm train`, or an "
                                    "instruction file to evaluate a base model on")
-    data = read_instruction_file(file, need_train=False)
+    data = read_instruction_file(file, need_train=False, preferences=pairs)
     if data.eval:
         return EvalSet(f"{file} (its eval part)", data.eval, taught + data.train + data.eval)
     return EvalSet(str(file), data.train, taught + data.train,

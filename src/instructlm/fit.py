@@ -79,15 +79,15 @@ def fit(trainee: Trainee, settings: TrainSettings, report: Report, progress: boo
         # itself, and gathers the weights only in the model's forward.
         if not t.eval_set or not (t.main or t.fsdp is not None):
             return
+        precision = "fp32" if step.fsdp else t.precision
         if t.objective is not None:  # held-out pairs: loss and rewards
             pairs = pair_metrics(t.model, t.eval_set, t.objective, settings.batch_size,
-                                 t.pad_id, t.device, t.precision)
+                                 t.pad_id, t.device, precision, labels_only=not step.fsdp)
             eval_loss = pairs.pop("loss")
             rewards = {k: round(v, 5) for k, v in pairs.items()}
         else:
             eval_loss = mean_loss(t.model, t.eval_set, settings.batch_size, t.pad_id,
-                                  t.device, "fp32" if step.fsdp else t.precision,
-                                  labels_only=not step.fsdp)
+                                  t.device, precision, labels_only=not step.fsdp)
             rewards = {}
         records.append({"step": done, "epoch": epoch, "eval_loss": round(eval_loss, 5),
                         **rewards})

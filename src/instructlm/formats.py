@@ -59,6 +59,8 @@ class Example:
         data = asdict(self)
         data["history"] = list(self.history)
         data["check"] = self.check.to_dict() if self.check else None
+        if not self.rejected:  # only pairs carry it
+            del data["rejected"]
         return data
 
     @classmethod

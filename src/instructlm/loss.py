@@ -23,17 +23,24 @@ def batch_loss(model: Any, batch: dict[str, Any], device: str, precision: str,
     import torch
 
     batch = {k: v.to(device) for k, v in batch.items()}
-    # autocast only if the weights are fp32: a model already in bf16 runs as it is.
-    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    cast = half is not None and next(model.parameters()).dtype == torch.float32
-    kind = torch.device(device).type  # "cuda" for "cuda:1"
-    with torch.autocast(device_type=kind, dtype=half or torch.bfloat16, enabled=cast):
+    with autocast(model, device, precision):
         if not (labels_only and architecture(model).plain_head):
             return model(**batch).loss
         hidden, targets = _hidden_states(model, batch, share_prefix, pack)
         keep = targets != IGNORE_INDEX
         logits = model.get_output_embeddings()(hidden[keep])
     return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
+
+
+def autocast(model: Any, device: str, precision: str) -> Any:
+    """The model's forward in `precision` (bf16, fp16), or as it is (fp32). Autocast only if
+    the weights are fp32: a model already in bf16 runs as it is."""
+    import torch
+
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    cast = half is not None and next(model.parameters()).dtype == torch.float32
+    kind = torch.device(device).type  # "cuda" for "cuda:1"
+    return torch.autocast(device_type=kind, dtype=half or torch.bfloat16, enabled=cast)
 
 
 def _hidden_states(model: Any, batch: dict[str, Any], share_prefix: bool,

@@ -265,7 +265,7 @@ def loss_module(model: Any, device: str, precision: str, speed: SpeedPaths,
 
         def forward(self, batch: dict[str, Any]) -> Any:
             if objective is not None:
-                return objective(self.model, batch, device, precision)
+                return objective(self.model, batch, device, precision, speed.labels_only)
             return batch_loss(self.model, batch, device, precision, speed.labels_only,
                               speed.share_prefix, speed.pack)
 

@@ -27,6 +27,7 @@ from typing import Any
 from .architectures import architecture
 from .batches import collate_pairs
 from .encode import IGNORE_INDEX, EncodedPair
+from .loss import autocast
 
 METHODS = ("sft", "dpo", "orpo")
 DEFAULT_BETA = 0.1
@@ -42,25 +43,25 @@ class PairScores:
     rejected: Any
 
 
-def sequence_logps(model: Any, batch: dict[str, Any], device: str,
-                   precision: str) -> tuple[Any, Any]:
+def sequence_logps(model: Any, batch: dict[str, Any], device: str, precision: str,
+                   labels_only: bool = True) -> tuple[Any, Any]:
     """For each row of a collated batch: the summed log-probability of its labelled tokens
-    (the answer and its end token), and how many there are."""
+    (the answer and its end token), and how many there are. With `labels_only` the output
+    layer runs only where there are labels; without, the model's own forward runs (as a
+    sharded model needs, whose forward gathers its weights)."""
     import torch
 
     ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     targets = batch["labels"].to(device)[:, 1:]  # position t predicts token t + 1
     keep = targets != IGNORE_INDEX
-    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    cast = half is not None and next(model.parameters()).dtype == torch.float32
-    with torch.autocast(device_type=torch.device(device).type, dtype=half or torch.bfloat16,
-                        enabled=cast):
-        if architecture(model).plain_head:  # the output layer only where there are labels
+    with autocast(model, device, precision):
+        if labels_only and architecture(model).plain_head:
             hidden = model.base_model(input_ids=ids, attention_mask=mask,
                                       use_cache=False).last_hidden_state[:, :-1]
             logits = model.get_output_embeddings()(hidden[keep])
         else:
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1][keep]
+            logits = model(input_ids=ids, attention_mask=mask,
+                           use_cache=False).logits[:, :-1][keep]
     logps = logits.float().log_softmax(-1).gather(-1, targets[keep][:, None])[:, 0]
     row = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(targets)[keep]
     sums = torch.zeros(ids.shape[0], device=ids.device).index_add(0, row, logps)
@@ -110,8 +111,9 @@ class PreferenceObjective:
     def scores(self, logps: Any, counts: Any, reference: Any) -> PairScores:
         return pair_scores(self.method, self.beta, logps, counts, reference, self.nll_weight)
 
-    def __call__(self, model: Any, batch: dict[str, Any], device: str, precision: str) -> Any:
-        logps, counts = sequence_logps(model, batch, device, precision)
+    def __call__(self, model: Any, batch: dict[str, Any], device: str, precision: str,
+                 labels_only: bool = True) -> Any:
+        logps, counts = sequence_logps(model, batch, device, precision, labels_only)
         return self.scores(logps, counts, batch.get("reference")).loss
 
 
@@ -138,7 +140,8 @@ def with_references(model: Any, pairs: list[EncodedPair], batch_size: int, pad_i
 
 
 def pair_metrics(model: Any, pairs: list[EncodedPair], objective: PreferenceObjective,
-                 batch_size: int, pad_id: int, device: str, precision: str) -> dict[str, float]:
+                 batch_size: int, pad_id: int, device: str, precision: str,
+                 labels_only: bool = True) -> dict[str, float]:
     """Loss, reward accuracy and reward margin over `pairs`, without touching gradients."""
     import torch
 
@@ -149,7 +152,7 @@ def pair_metrics(model: Any, pairs: list[EncodedPair], objective: PreferenceObje
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start:start + batch_size]
             batch = collate_pairs(chunk, pad_id)
-            logps, counts = sequence_logps(model, batch, device, precision)
+            logps, counts = sequence_logps(model, batch, device, precision, labels_only)
             scores = objective.scores(logps, counts, batch.get("reference"))
             losses.append(float(scores.loss) * len(chunk))
             chosen += scores.chosen.tolist()

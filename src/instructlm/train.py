@@ -234,10 +234,6 @@ def _prepare(data: InstructionSet, output: Path, settings: TrainSettings, accele
     fsdp = fsdp_plugin(accelerator) if accelerator else None
     for warning in data.warnings:
         report(f"warning: {warning}")
-    if fsdp and settings.preference:
-        raise InstructlmError("preference tuning does not run sharded (FSDP) yet",
-                              hint="launch with DDP (distributed_type MULTI_GPU), or in one "
-                                   "process")
     source, tokenizer, template = load_tokenizer_and_template(settings, data, report)
     encode = encode_pairs_reporting if settings.preference else encode_reporting
     train_set = encode(data.train, template, tokenizer, settings, report)
@@ -251,8 +247,9 @@ def _prepare(data: InstructionSet, output: Path, settings: TrainSettings, accele
         budget = Budget(DPO_EPOCHS, math.ceil(len(train_set) / settings.batch_size)
                         * DPO_EPOCHS, f"{DPO_EPOCHS} epochs, as DPO takes by default")
     else:
+        unit = "pairs" if settings.preference else "examples"
         budget = choose_budget(len(train_set), settings.batch_size, settings.epochs,
-                               settings.min_steps)
+                               settings.min_steps, unit)
     settings = replace(settings, epochs=budget.epochs)  # saved so: a resumed run keeps it
     device = _device_name(accelerator.device) if accelerator else pick_device(settings.device)
     precision = _precision(settings.precision, device, accelerator, fsdp)
