@@ -235,21 +235,12 @@ def _prepare(data: InstructionSet, output: Path, settings: TrainSettings, accele
     for warning in data.warnings:
         report(f"warning: {warning}")
     source, tokenizer, template = load_tokenizer_and_template(settings, data, report)
-    encode = encode_pairs_reporting if settings.preference else encode_reporting
-    train_set = encode(data.train, template, tokenizer, settings, report)
-    eval_set = encode(data.eval, template, tokenizer, settings, report)
+    train_set = encode_reporting(data.train, template, tokenizer, settings, report)
+    eval_set = encode_reporting(data.eval, template, tokenizer, settings, report)
     if not train_set:
         raise InstructlmError(f"{data.path}: no training example fits --max-length "
                               f"{settings.max_length}", hint="raise --max-length")
-    if settings.method == "dpo" and settings.epochs is None:
-        # DPO nudges a run that answers in form already: the minimum of steps that
-        # teaching needs over-fitted the pairs (docs/benchmarks.md)
-        budget = Budget(DPO_EPOCHS, math.ceil(len(train_set) / settings.batch_size)
-                        * DPO_EPOCHS, f"{DPO_EPOCHS} epochs, as DPO takes by default")
-    else:
-        unit = "pairs" if settings.preference else "examples"
-        budget = choose_budget(len(train_set), settings.batch_size, settings.epochs,
-                               settings.min_steps, unit)
+    budget = _budget(settings, len(train_set))
     settings = replace(settings, epochs=budget.epochs)  # saved so: a resumed run keeps it
     device = _device_name(accelerator.device) if accelerator else pick_device(settings.device)
     precision = _precision(settings.precision, device, accelerator, fsdp)
@@ -280,12 +271,28 @@ def _prepare(data: InstructionSet, output: Path, settings: TrainSettings, accele
     report(f"Budget: {budget.why}; learning rate {settings.lr:g}, {settings.schedule} "
            "schedule")
     if settings.preference:
-        reference = {"dpo": "the reference: the starting model" + (
-            " with its adapters off" if adapted else "") + ", computed once; the chosen "
-            f"answers' cross-entropy added with weight {settings.nll_weight:g}",
-            "orpo": "no reference"}[settings.method]
-        report(f"Preference: {settings.method.upper()}, beta {settings.beta:g}; {reference}")
+        report(_describe_preference(settings, adapted is not None))
     return Prepared(trainee, settings, budget, source, tokenizer, template, adapted, lora)
+
+
+def _budget(settings: TrainSettings, n_train: int) -> Budget:
+    """How long to train on `n_train` examples (or pairs)."""
+    if settings.method == "dpo" and settings.epochs is None:
+        # DPO nudges a run that answers in form already: the minimum of steps that
+        # teaching needs over-fitted the pairs (docs/benchmarks.md)
+        steps = math.ceil(n_train / settings.batch_size) * DPO_EPOCHS
+        return Budget(DPO_EPOCHS, steps, f"{DPO_EPOCHS} epochs, {steps} steps, as DPO takes "
+                                         "by default")
+    return choose_budget(n_train, settings.batch_size, settings.epochs, settings.min_steps,
+                         "pairs" if settings.preference else "examples")
+
+
+def _describe_preference(settings: TrainSettings, lora: bool) -> str:
+    if settings.method == "orpo":
+        return f"Preference: ORPO, lambda {settings.beta:g}; no reference"
+    return (f"Preference: DPO, beta {settings.beta:g}; the reference: the starting model"
+            f"{' with its adapters off' if lora else ''}, computed once; the chosen answers' "
+            f"cross-entropy added with weight {settings.nll_weight:g}")
 
 
 def _precision(asked: str, device: str, accelerator: Any, fsdp: Any) -> str:
@@ -364,20 +371,13 @@ def load_tokenizer_and_template(settings: TrainSettings, data: InstructionSet,
 
 
 def encode_reporting(examples: list[Example], template: Template, tokenizer: Any,
-                     settings: TrainSettings, report: Report) -> list[EncodedExample]:
-    """Encoded examples; the ones that do not fit are dropped with a warning."""
-    encoded, warnings = encode_examples(examples, template, tokenizer, settings.max_length,
-                                        settings.end_token)
-    for warning in warnings:
-        report(f"warning: {warning}")
-    return encoded
-
-
-def encode_pairs_reporting(examples: list[Example], template: Template, tokenizer: Any,
-                           settings: TrainSettings, report: Report) -> list[EncodedPair]:
-    """Encoded preference pairs; the ones that do not fit are dropped with a warning."""
-    encoded, warnings = encode_pairs(examples, template, tokenizer, settings.max_length,
-                                     settings.end_token)
+                     settings: TrainSettings, report: Report
+                     ) -> list[EncodedExample] | list[EncodedPair]:
+    """Encoded examples (preference pairs, for a preference method); the ones that do not
+    fit are dropped with a warning."""
+    encode = encode_pairs if settings.preference else encode_examples
+    encoded, warnings = encode(examples, template, tokenizer, settings.max_length,
+                               settings.end_token)
     for warning in warnings:
         report(f"warning: {warning}")
     return encoded
