@@ -307,3 +307,16 @@ def test_the_command_line_trains_dpo_and_inspects_pairs(tmp_path, write, sft_run
     assert "Preference: DPO, beta 0.1; the reference: the starting model" in out
     assert "cross-entropy added with weight 1" in out
     assert "reward accuracy" in out and "Held-out answers:" in out
+
+
+def test_budgets_of_the_preference_methods():
+    from instructlm.train import TrainSettings, _budget
+
+    dpo = _budget(TrainSettings(method="dpo"), 24)
+    assert (dpo.epochs, dpo.steps) == (3, 9) and "as DPO takes by default" in dpo.why
+    assert _budget(TrainSettings(method="dpo", epochs=5), 24).epochs == 5  # --epochs decides
+    orpo = _budget(TrainSettings(method="orpo"), 24)  # teaching: at least 30 steps
+    assert (orpo.epochs, orpo.steps) == (10, 30) and "24 pairs are 3 steps" in orpo.why
+    assert TrainSettings(method="dpo").resolved().lr == 2e-5
+    assert TrainSettings(method="dpo", lora=True).resolved().lr == 2e-4
+    assert TrainSettings(method="orpo").resolved().lr == TrainSettings().resolved().lr
