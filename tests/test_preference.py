@@ -320,3 +320,24 @@ def test_budgets_of_the_preference_methods():
     assert TrainSettings(method="dpo").resolved().lr == 2e-5
     assert TrainSettings(method="dpo", lora=True).resolved().lr == 2e-4
     assert TrainSettings(method="orpo").resolved().lr == TrainSettings().resolved().lr
+
+
+def test_a_lora_run_as_base_is_merged_and_compare_shows_both_runs(tmp_path, write, tiny_base,
+                                                                   capsys):
+    """`--base RUN` with a LoRA run: its adapter merged into its base, trained further in
+    its template; `compare` then answers the preference run's held-out part with both."""
+    from instructlm.cli import main
+    from instructlm.train import train
+
+    taught = train(write("long.txt", "Is water wet?#Yes, water is wet.\n"), tmp_path / "lora",
+                   tiny_settings(tiny_base, lora=True, lr=1e-2, epochs=10),
+                   report=lambda m: None, progress=False)
+    run = train(write("pairs.txt", PAIRS), tmp_path / "dpo",
+                tiny_settings(str(taught), template="auto", method="dpo", lr=1e-3, epochs=2),
+                report=lambda m: None, progress=False)
+    info = json.loads((run / "instructlm.json").read_text())
+    assert info["template"]["name"] == "seed-en" and info["base"]["spec"] == str(taught)
+    assert _loss_records(run)[0]["loss"] > math.log(2)  # with the chosen answers' loss
+    assert main(["compare", str(run), str(taught)]) == 0
+    table = capsys.readouterr().out
+    assert "2 examples from" in table and "dpo " in table and "lora " in table

@@ -93,6 +93,7 @@ def load_weights(source: str, trust_remote_code: bool = False, dtype: Any = None
     if not is_adapter_run(source):
         return load_model(source, trust_remote_code, dtype)
     model = load_merged(source, read_run_info(source)["base"]["spec"], trust_remote_code)
+    model.requires_grad_(True)  # PEFT loads an adapter to answer: every weight frozen
     return model.to(dtype) if dtype is not None else model
 
 
