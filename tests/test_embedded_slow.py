@@ -262,7 +262,7 @@ def test_preference_pairs_fix_a_counting_mistake(tmp_path):
     """The README's preference case, with the defaults: a run taught lists of three answers
     "List four ..." of unseen categories with three items; 24 pairs and `--method dpo` fix
     it without changing the other families' form, and every answer still stops."""
-    folder = ROOT / "benchmarks" / "preference"
+    folder = ROOT / "examples"
     runs = {"sft": tmp_path / "counting", "dpo": tmp_path / "counting-dpo"}
     subprocess.run([sys.executable, "-m", "instructlm", "train", str(folder / "counting.txt"),
                     "--output", str(runs["sft"]), "--quiet"], check=True)

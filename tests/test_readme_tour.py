@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from instructlm.cli import main
+from instructlm.train import default_output
 
 ROOT = Path(__file__).resolve().parent.parent
 LOADS_A_BASE = {"train", "curve", "inspect"}
@@ -58,7 +59,7 @@ def test_tour_command_runs_as_written(line, tour_folder, tiny_base, tmp_path, ca
     assert main(words) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     if words[0] == "train":
-        output = words[words.index("-o") + 1] if "-o" in words else "runs/spells"
+        output = words[words.index("-o") + 1] if "-o" in words else default_output(words[1])
         assert (Path(output) / "instructlm.json").is_file()
     if "--json" in words:
         assert [json.loads(row) for row in out.splitlines()]
