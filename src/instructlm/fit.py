@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 from . import checkpoints
 from .batches import collate_any
 from .distributed import Shard
-from .encode import EncodedExample
+from .encode import EncodedExample, EncodedPair
 from .evaluate import Report
 from .loss import mean_loss
 from .optimize import TrainStep
@@ -32,8 +32,8 @@ class Trainee:
     """What `fit` trains, and on what."""
 
     model: Any
-    train_set: list[EncodedExample]
-    eval_set: list[EncodedExample]
+    train_set: list[EncodedExample] | list[EncodedPair]  # pairs for preference tuning
+    eval_set: list[EncodedExample] | list[EncodedPair]
     pad_id: int
     device: str
     precision: str

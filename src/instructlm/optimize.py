@@ -255,7 +255,8 @@ def loss_module(model: Any, device: str, precision: str, speed: SpeedPaths,
                 objective: Any = None) -> Any:
     """The training loss of `model` as a module of its own, so that DistributedDataParallel
     can wrap it: its backward then averages the gradients of every process. The loss is the
-    supervised one, or `objective(model, batch, device, precision)` (preference tuning)."""
+    supervised one, or `objective(model, batch, device, precision, labels_only)` (preference
+    tuning)."""
     import torch
 
     class LossOf(torch.nn.Module):
