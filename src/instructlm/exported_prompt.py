@@ -16,6 +16,7 @@ from .errors import InstructlmError
 from .formats import Example
 from .templates import Template, around_instruction
 
+
 @dataclass(frozen=True)
 class PromptFrame:
     """The run's prompt for one instruction: `before` + instruction + `after`."""
