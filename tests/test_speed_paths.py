@@ -101,7 +101,7 @@ def test_padding_does_not_change_an_examples_loss(tiny_tokenizer, encoded):
     # In a batch with a longer example, the short one is padded; its own loss must not move.
     together = batch_loss(model, collate([short, long], pad), "cpu", "fp32")
     long_alone = batch_loss(model, collate([long], pad), "cpu", "fp32")
-    n_short, n_long = short.n_response_tokens, long.n_response_tokens
+    n_short, n_long = short.n_labels, long.n_labels
     mixed = (alone.item() * n_short + long_alone.item() * n_long) / (n_short + n_long)
     assert together.item() == pytest.approx(mixed, rel=1e-4)
 

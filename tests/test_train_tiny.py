@@ -164,3 +164,32 @@ def test_a_device_that_is_not_here_is_refused(tmp_path, tiny_base, device, messa
     with pytest.raises(InstructlmError, match=message):
         train(data, tmp_path / "run", tiny_settings(tiny_base, device=device),
               report=lambda m: None, progress=False)
+
+
+def test_prompt_loss_teaches_the_instructions_as_well(tmp_path, tiny_base, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from instructlm.encode import IGNORE_INDEX, EncodedExample, encode_examples
+    from instructlm.formats import read_instruction_file
+    from instructlm.loss import mean_loss
+    from instructlm.templates import parse_template
+
+    data = tmp_path / "f.txt"
+    data.write_text(TINY_FILE, encoding="utf-8")
+    examples = read_instruction_file(data).train
+    template = parse_template("seed-en")
+    both, _ = encode_examples(examples, template, tiny_tokenizer, 512, prompt_loss=True)
+    response, _ = encode_examples(examples, template, tiny_tokenizer, 512)
+    # The instructions' tokens alone: what prompt loss adds to the responses' labels.
+    instructions = [EncodedExample(b.input_ids,
+                                   b.labels[:-r.n_labels] + [IGNORE_INDEX] * r.n_labels)
+                    for b, r in zip(both, response, strict=True)]
+    loss = {}
+    for on in (False, True):
+        run = train(data, tmp_path / f"run-{on}",
+                    tiny_settings(tiny_base, epochs=20, prompt_loss=on),
+                    report=lambda m: None, progress=False)
+        assert json.loads((run / RUN_FILE).read_text())["settings"]["prompt_loss"] is on
+        model = AutoModelForCausalLM.from_pretrained(run)
+        loss[on] = mean_loss(model, instructions, 4, tiny_tokenizer.pad_token_id, "cpu")
+    assert loss[True] < loss[False] / 2

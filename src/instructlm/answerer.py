@@ -16,11 +16,11 @@ from .adapters import is_adapter_run, load_merged
 from .base import EMBEDDED, load_model, load_tokenizer, resolve_base
 from .decode_loop import answers_as_they_end, can_drop_finished
 from .devices import pick_device
-from .encode import encode_prompt
+from .encode import encode_prompt, opening_length
 from .errors import InstructlmError
 from .formats import Example
 from .runs import is_run, read_run_info, recover_hidden
-from .templates import Template, around_instruction, choose_template, render_prompt
+from .templates import Template, choose_template, render_prompt
 from .textcut import TextCutter
 
 # Instructions decoded together. Answering is bound by reading the weights once per token, so a
@@ -90,20 +90,8 @@ class Answerer:
                              self.tokenizer, self.template)
 
     def opening_length(self, example: Example, ids: list[int]) -> int:
-        """How many of `ids` (the prompt of `example`) come before its instruction: the same
-        tokens for every instruction asked this way (after the same conversation). 0 where
-        they cannot be told apart (a token that spans both)."""
-        parts = around_instruction(self.template, example, self.tokenizer)
-        if parts is None:
-            return 0
-        before = parts[0]
-        # Without the space before the instruction first: most tokenizers make it part of
-        # the instruction's first word, whichever word that is.
-        for text in dict.fromkeys([before.rstrip(" "), before]):
-            opening = encode_prompt(text, self.tokenizer, self.template)
-            if len(opening) < len(ids) and ids[:len(opening)] == opening:
-                return len(opening)
-        return 0
+        """How many of `ids` (the prompt of `example`) come before its instruction."""
+        return opening_length(example, ids, self.template, self.tokenizer)
 
     def answer_streaming(self, item: str | Example, decode: DecodeSettings,
                          on_text: Callable[[str], None],

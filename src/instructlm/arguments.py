@@ -50,6 +50,9 @@ def _add_training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-end-token", dest="end_token", action="store_false", default=None,
                    help="do not teach the end token (the tutorial's way, to compare: answers "
                         "then run on to --max-new-tokens)")
+    p.add_argument("--prompt-loss", action=argparse.BooleanOptionalAction, default=None,
+                   help="learn the instruction too, not only the response (default: off; "
+                        "supervised runs only)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     lora = p.add_argument_group("LoRA", "train small adapters beside frozen base weights; the "
                                         "run then stores only the adapter")

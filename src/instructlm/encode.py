@@ -1,8 +1,14 @@
 """Example + template + tokenizer -> token ids and labels.
 
 Prompt and response are encoded separately and concatenated, so the boundary between the
-masked prompt and the learned response is exact by construction. An end-of-sequence token
-is appended to every response: that is what teaches the model to stop.
+prompt and the learned response is exact by construction. An end-of-sequence token is
+appended to every response: that is what teaches the model to stop.
+
+With `prompt_loss` the instruction and the template after it are learned too (Axolotl's
+train_on_inputs; Shi et al., 2024, "Instruction Tuning With Loss Over Instructions"), but
+never the prompt's opening (the template up to the instruction, a chat model's system
+prompt, earlier turns): it is the same in every example, and shared prompts are computed
+once only where no row learns them (batches.shared_prefix_length).
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from typing import Any
 
 from .errors import InstructlmError
 from .formats import Example
-from .templates import Template, render_prompt
+from .templates import Template, around_instruction, render_prompt
 
 IGNORE_INDEX = -100  # label value that PyTorch's cross-entropy skips
 
@@ -24,7 +30,8 @@ class EncodedExample:
     truncated: bool = False
 
     @property
-    def n_response_tokens(self) -> int:
+    def n_labels(self) -> int:
+        """How many tokens it teaches: its response's, and with prompt loss its prompt's."""
         return sum(1 for label in self.labels if label != IGNORE_INDEX)
 
     @property
@@ -34,8 +41,8 @@ class EncodedExample:
 
     @property
     def weight(self) -> int:
-        """Its share of a batch's mean loss, which is a mean over response tokens."""
-        return self.n_response_tokens
+        """Its share of a batch's mean loss, which is a mean over the tokens taught."""
+        return self.n_labels
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,23 @@ def _encode_responses(responses: list[str], tokenizer: Any) -> list[list[int]]:
     return tokenizer(responses, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 
+def opening_length(example: Example, ids: list[int], template: Template, tokenizer: Any) -> int:
+    """How many of `ids` (the prompt of `example`) come before its instruction: the same
+    tokens for every instruction asked this way (after the same conversation). 0 where
+    they cannot be told apart (a token that spans both)."""
+    parts = around_instruction(template, example, tokenizer)
+    if parts is None:
+        return 0
+    before = parts[0]
+    # Without the space before the instruction first: most tokenizers make it part of
+    # the instruction's first word, whichever word that is.
+    for text in dict.fromkeys([before.rstrip(" "), before]):
+        opening = encode_prompt(text, tokenizer, template)
+        if len(opening) < len(ids) and ids[:len(opening)] == opening:
+            return len(opening)
+    return 0
+
+
 def end_token_id(tokenizer: Any) -> int:
     if tokenizer.eos_token_id is None:
         raise InstructlmError("the base model's tokenizer has no end-of-sequence token",
@@ -84,17 +108,18 @@ def end_token_id(tokenizer: Any) -> int:
 
 
 def encode_example(example: Example, template: Template, tokenizer: Any, max_length: int,
-                   end_token: bool = True) -> EncodedExample | None:
-    """Ids and labels with the prompt masked; None when truncation would leave no response.
+                   end_token: bool = True, prompt_loss: bool = False) -> EncodedExample | None:
+    """Ids and labels with the prompt masked (with `prompt_loss`, only its opening); None
+    when truncation would leave no response.
 
     The response is followed by the end token, which is how the model learns to stop;
     `end_token=False` leaves it out, as the tutorial did (for comparisons).
     """
-    return _encode_many([example], template, tokenizer, max_length, end_token)[0]
+    return _encode_many([example], template, tokenizer, max_length, end_token, prompt_loss)[0]
 
 
 def _encode_many(examples: list[Example], template: Template, tokenizer: Any, max_length: int,
-                 end_token: bool) -> list[EncodedExample | None]:
+                 end_token: bool, prompt_loss: bool = False) -> list[EncodedExample | None]:
     """encode_example of each, tokenized in one batch (several times faster for many)."""
     if not examples:
         return []
@@ -103,25 +128,27 @@ def _encode_many(examples: list[Example], template: Template, tokenizer: Any, ma
     responses = _encode_responses([ex.response for ex in examples], tokenizer)
     end = [end_token_id(tokenizer)] if end_token else []
     out: list[EncodedExample | None] = []
-    for prompt_ids, response_ids in zip(prompts, responses, strict=True):
+    for ex, prompt_ids, response_ids in zip(examples, prompts, responses, strict=True):
         response_ids = [*response_ids, *end]
         room = max_length - len(prompt_ids)
         if room <= 0:
             out.append(None)
             continue
+        masked = (opening_length(ex, prompt_ids, template, tokenizer) if prompt_loss
+                  else len(prompt_ids))
         out.append(EncodedExample(
             input_ids=prompt_ids + response_ids[:room],
-            labels=[IGNORE_INDEX] * len(prompt_ids) + response_ids[:room],
+            labels=([IGNORE_INDEX] * masked + prompt_ids[masked:] + response_ids[:room]),
             truncated=len(response_ids) > room))
     return out
 
 
 def encode_examples(examples: list[Example], template: Template, tokenizer: Any,
-                    max_length: int, end_token: bool = True,
+                    max_length: int, end_token: bool = True, prompt_loss: bool = False,
                     ) -> tuple[list[EncodedExample], list[str]]:
     """Encode many; return the kept ones and a warning for each dropped or cut example."""
     kept, warnings = [], []
-    encoded = _encode_many(examples, template, tokenizer, max_length, end_token)
+    encoded = _encode_many(examples, template, tokenizer, max_length, end_token, prompt_loss)
     for ex, enc in zip(examples, encoded, strict=True):
         warnings += _warnings(ex, [enc], tokenizer, max_length)
         if enc is not None:

@@ -12,13 +12,13 @@ from .encode import IGNORE_INDEX, EncodedExample
 
 def batch_loss(model: Any, batch: dict[str, Any], device: str, precision: str,
                labels_only: bool = True, share_prefix: bool = True, pack: bool = True) -> Any:
-    """Mean cross-entropy over the response tokens of one collated batch.
+    """Mean cross-entropy over the labelled tokens of one collated batch.
 
-    With `labels_only` the output layer runs only where there is a label: prompt positions
-    carry no loss, and with a 49k-word vocabulary the output layer over every position was
-    about a tenth of a training step. With `share_prefix` a prompt opening that every row
-    shares is computed once (see `_hidden_states`); with `pack` the rows run without their
-    padding (see batches.packed_row).
+    With `labels_only` the output layer runs only where there is a label: the prompt (or
+    its opening) carries no loss, and with a 49k-word vocabulary the output layer over every
+    position was about a tenth of a training step. With `share_prefix` a prompt opening that
+    every row shares is computed once (see `_hidden_states`); with `pack` the rows run
+    without their padding (see batches.packed_row).
     """
     import torch
 
@@ -79,7 +79,7 @@ def _hidden_states(model: Any, batch: dict[str, Any], share_prefix: bool,
 
 def mean_loss(model: Any, examples: list[EncodedExample], batch_size: int, pad_id: int,
               device: str, precision: str = "fp32", labels_only: bool = True) -> float:
-    """Mean loss per response token over `examples`, without touching the gradients."""
+    """Mean loss per labelled token over `examples`, without touching the gradients."""
     import torch
 
     was_training = model.training
@@ -88,7 +88,7 @@ def mean_loss(model: Any, examples: list[EncodedExample], batch_size: int, pad_i
     with torch.inference_mode():
         for start in range(0, len(examples), batch_size):
             chunk = examples[start:start + batch_size]
-            n = sum(e.n_response_tokens for e in chunk)
+            n = sum(e.n_labels for e in chunk)
             total += batch_loss(model, collate(chunk, pad_id), device, precision,
                                 labels_only).item() * n
             count += n

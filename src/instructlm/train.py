@@ -89,6 +89,9 @@ class TrainSettings:
     device: str = "auto"  # auto: a CUDA GPU if there is one, else the CPU
     trust_remote_code: bool = False
     end_token: bool = True  # False: the tutorial's way, the model never learns to stop
+    # True: the instruction is learned too, not only the response (encode.py); supervised
+    # runs only. Off: on the suite it made no more answers right (docs/benchmarks.md).
+    prompt_loss: bool = False
     lora: bool = False  # train LoRA adapters on frozen base weights instead of every weight
     lora_rank: int = 16
     lora_alpha: int = 32
@@ -132,6 +135,9 @@ class TrainSettings:
             ("method", self.method in METHODS, " or ".join(METHODS)),
             ("beta", self.beta > 0, "above 0"),
             ("nll_weight", self.nll_weight >= 0, "0 or more"),
+            # A pair's two answers share their prompt: there is nothing in it to prefer.
+            ("prompt_loss", not (self.prompt_loss and self.preference),
+             "off for --method dpo and orpo"),
         ) if not ok]
         if problems:
             raise InstructlmError("; ".join(problems))
@@ -236,7 +242,9 @@ def _prepare(data: InstructionSet, output: Path, settings: TrainSettings, accele
         report(f"warning: {warning}")
     source, tokenizer, template = load_tokenizer_and_template(settings, data, report)
     train_set = encode_reporting(data.train, template, tokenizer, settings, report)
-    eval_set = encode_reporting(data.eval, template, tokenizer, settings, report)
+    # The eval loss is the responses' alone, comparable whatever was learned.
+    eval_set = encode_reporting(data.eval, template, tokenizer, settings, report,
+                                held_out=True)
     if not train_set:
         raise InstructlmError(f"{data.path}: no training example fits --max-length "
                               f"{settings.max_length}", hint="raise --max-length")
@@ -268,8 +276,9 @@ def _prepare(data: InstructionSet, output: Path, settings: TrainSettings, accele
     report(f"Training {_base_name(settings.base)}{what} on {len(train_set)} {kind} "
            f"({len(eval_set)} for evaluation), template {template.name}, {precision} on "
            f"{device}{processes}")
+    taught = "; the instructions learned too" if settings.prompt_loss else ""
     report(f"Budget: {budget.why}; learning rate {settings.lr:g}, {settings.schedule} "
-           "schedule")
+           f"schedule{taught}")
     if settings.preference:
         report(_describe_preference(settings, adapted is not None))
     return Prepared(trainee, settings, budget, source, tokenizer, template, adapted, lora)
@@ -371,13 +380,17 @@ def load_tokenizer_and_template(settings: TrainSettings, data: InstructionSet,
 
 
 def encode_reporting(examples: list[Example], template: Template, tokenizer: Any,
-                     settings: TrainSettings, report: Report
+                     settings: TrainSettings, report: Report, held_out: bool = False
                      ) -> list[EncodedExample] | list[EncodedPair]:
     """Encoded examples (preference pairs, for a preference method); the ones that do not
-    fit are dropped with a warning."""
-    encode = encode_pairs if settings.preference else encode_examples
-    encoded, warnings = encode(examples, template, tokenizer, settings.max_length,
-                               settings.end_token)
+    fit are dropped with a warning. Held-out ones teach their responses alone."""
+    if settings.preference:
+        encoded, warnings = encode_pairs(examples, template, tokenizer, settings.max_length,
+                                         settings.end_token)
+    else:
+        encoded, warnings = encode_examples(examples, template, tokenizer,
+                                            settings.max_length, settings.end_token,
+                                            settings.prompt_loss and not held_out)
     for warning in warnings:
         report(f"warning: {warning}")
     return encoded
