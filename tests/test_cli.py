@@ -119,6 +119,7 @@ def test_bad_files_give_one_clear_error(tmp_path, content, words):
     ("--epochs", "0", "--epochs must be at least 1"),
     ("--lr", "-1", "--lr must be above 0"),
     ("--batch-size", "0", "--batch-size must be at least 1"),
+    ("--prompt-loss", "--method=dpo", "--prompt-loss must be off for --method dpo and orpo"),
 ])
 def test_bad_settings_are_refused(tmp_path, capsys, flag, value, words):
     f = tmp_path / "a.txt"

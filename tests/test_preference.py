@@ -154,7 +154,8 @@ def test_dpo_from_a_run_starts_at_ln2_and_prefers_the_chosen(tmp_path, write, sf
     messages = []
     run = train(write("pairs.txt", PAIRS), tmp_path / "dpo",
                 tiny_settings(str(sft_run), template="auto", method="dpo", lr=1e-3, epochs=5,
-                              batch_size=4, warmup_ratio=0.0, nll_weight=0.0),
+                              batch_size=4, warmup_ratio=0.0, nll_weight=0.0,
+                              precision="fp32"),
                 report=messages.append, progress=False)
     records = _loss_records(run)
     assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # one batch: all pairs
@@ -264,7 +265,7 @@ def test_dpo_steps_match_trls_dpo_trainer(tmp_path, write, tiny_base, tiny_token
     run = train(write("train.txt", PAIRS), tmp_path / "ours",
                 tiny_settings(tiny_base, method="dpo", lr=1e-3, epochs=steps, batch_size=4,
                               warmup_ratio=0.0, schedule="constant", weight_decay=0.0,
-                              nll_weight=nll_weight),
+                              nll_weight=nll_weight, precision="fp32"),  # as TRL's, here
                 report=lambda m: None, progress=False)
     ours = [r["loss"] for r in _loss_records(run) if "loss" in r]
 
