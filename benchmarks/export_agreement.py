@@ -20,12 +20,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run")
     parser.add_argument("--quants", default="f16,q8_0,q4_k_m")
+    parser.add_argument("--repack", action="store_true",
+                        help="let llama.cpp repack the weights for this CPU (its default)")
     args = parser.parse_args()
-
-    import llama_cpp
 
     from instructlm.answerer import DecodeSettings, load_answerer
     from instructlm.export import export
+    from instructlm.gguf_file import load_in_llama_cpp
     from instructlm.runs import read_run_examples
     from instructlm.scores import FormatJudge, score_answer
 
@@ -44,7 +45,7 @@ def main() -> None:
             started = time.perf_counter()
             gguf = export(args.run, quant, output=Path(tmp) / f"{quant}.gguf").gguf
             seconds = time.perf_counter() - started
-            model = llama_cpp.Llama(str(gguf), n_ctx=1024, n_threads=2, verbose=False)
+            model = load_in_llama_cpp(gguf, repack=args.repack)
             answers, scores = [], []
             for ex in examples:
                 out = model.create_chat_completion(

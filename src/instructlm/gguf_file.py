@@ -8,6 +8,8 @@ quantizer, reached through llama-cpp-python.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import tempfile
 from pathlib import Path
@@ -220,9 +222,38 @@ def _llama_cpp_quantize(source: Path, target: Path) -> None:
     llama_cpp = _llama_cpp()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
-    if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(),
-                                      params) != 0:
-        raise InstructlmError(f"llama.cpp could not quantize {source.name} to Q4_K_M")
+    # llama.cpp logs a line for every tensor (through llama-cpp-python, to sys.stderr): keep
+    # them for an error, not for the screen.
+    log = io.StringIO()
+    with contextlib.redirect_stderr(log):
+        failed = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(),
+                                                params) != 0
+    if failed:
+        raise InstructlmError(f"llama.cpp could not quantize {source.name} to Q4_K_M",
+                              hint="llama.cpp said: " + " / ".join(log.getvalue().splitlines()[-3:]))
+
+
+def load_in_llama_cpp(path: Path, n_threads: int = 2, repack: bool = False) -> Any:
+    """An exported file in llama.cpp itself (llama-cpp-python's `Llama`), to check the export.
+
+    Without `repack`, as `llama-cli --no-repack` loads it: the weights stay in the file's
+    types. Repacked for the CPU, Q8_0 takes ggml's AMX path where the CPU has AMX, which
+    crashes on some machines (ggml-org/llama.cpp#20824) and rounds differently on others.
+    """
+    llama_cpp = _llama_cpp()
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def params() -> Any:
+        chosen = defaults()
+        chosen.use_extra_bufts = repack
+        return chosen
+
+    # `Llama` takes its model parameters from this function and has no argument for this one.
+    llama_cpp.llama.llama_cpp.llama_model_default_params = params
+    try:
+        return llama_cpp.Llama(str(path), n_ctx=1024, n_threads=n_threads, verbose=False)
+    finally:
+        llama_cpp.llama.llama_cpp.llama_model_default_params = defaults
 
 
 def _llama_cpp() -> Any:
