@@ -76,6 +76,19 @@ def running_server(app: Any) -> Iterator[str]:
         sock.close()
 
 
+def llama_cpp_or_skip():
+    """llama.cpp itself, through llama-cpp-python (built from its source: minutes); CI
+    requires it (INSTRUCTLM_LLAMA_CPP_TESTS=required), elsewhere its tests are skipped."""
+    try:
+        import llama_cpp
+    except ImportError:
+        message = "llama-cpp-python is not installed: make install-llama-cpp"
+        if os.environ.get("INSTRUCTLM_LLAMA_CPP_TESTS") == "required":
+            pytest.fail(message)
+        pytest.skip(message)
+    return llama_cpp
+
+
 def make_tiny_tokenizer():
     """A byte-level BPE tokenizer trained on a few strings: real, small, offline."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

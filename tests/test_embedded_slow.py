@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import llama_cpp_or_skip
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "spells.txt"
@@ -208,18 +209,6 @@ def test_defaults_teach_a_file_they_were_not_chosen_on(tmp_path):
     assert sum(a["format"] for a in answers) >= 5, answers
 
 
-def _llama_cpp():
-    """llama.cpp itself, through llama-cpp-python (built from its source: minutes)."""
-    try:
-        import llama_cpp
-    except ImportError:
-        message = "llama-cpp-python is not installed: pip install llama-cpp-python"
-        if os.environ.get("INSTRUCTLM_LLAMA_CPP_TESTS") == "required":
-            pytest.fail(message)
-        pytest.skip(message)
-    return llama_cpp
-
-
 @pytest.mark.slow
 def test_llama_cpp_answers_an_exported_run_as_instructlm_does(spells_run, tmp_path):
     """`instructlm export`: llama.cpp, prompted through the GGUF's own chat template, gives
@@ -230,7 +219,7 @@ def test_llama_cpp_answers_an_exported_run_as_instructlm_does(spells_run, tmp_pa
 
     llama.cpp loads the files as `llama-cli --no-repack` does: repacked for a CPU with AMX,
     Q8_0 crashes on some machines and rounds differently on others (load_in_llama_cpp)."""
-    _llama_cpp()
+    llama_cpp_or_skip()
     from instructlm.gguf_file import load_in_llama_cpp
     from instructlm.formats import read_instruction_file
 

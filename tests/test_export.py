@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CORPUS, make_tiny_tokenizer, tiny_settings
+from conftest import CORPUS, llama_cpp_or_skip, make_tiny_tokenizer, tiny_settings
 
 from instructlm.answerer import load_answerer
 from instructlm.architectures import ARCHITECTURES
@@ -67,13 +67,13 @@ def test_q8_0_is_about_half_the_size_of_f16(tiny_run, tmp_path):
     assert sizes["q8_0"] < 0.75 * sizes["f16"], sizes
 
 
-@pytest.mark.parametrize("model_type", sorted(t for t, a in ARCHITECTURES.items() if a.gguf))
-def test_every_family_marked_for_gguf_reads_back_the_same(model_type, tmp_path):
-    """Q and K stored permuted (Llama's families), biases (Qwen2), tied output layers: the
-    logits come back as they were."""
+GGUF_FAMILIES = sorted(t for t, a in ARCHITECTURES.items() if a.gguf)
+
+
+def random_family_model(model_type: str, tokenizer):
+    """A tiny random model of the family, with random biases so that a lost one shows."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    tokenizer = make_tiny_tokenizer()
     config = AutoConfig.for_model(
         model_type, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -81,10 +81,39 @@ def test_every_family_marked_for_gguf_reads_back_the_same(model_type, tmp_path):
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=model_type != "mistral")
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():  # random biases, so that a lost one shows
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_()
+    return model
+
+
+def with_pre_tokenizer(pre):
+    """The tiny tokenizer, splitting words another way before its merges."""
+    from transformers import PreTrainedTokenizerFast
+
+    backend = make_tiny_tokenizer().backend_tokenizer
+    backend.pre_tokenizer = pre
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>",
+                                   pad_token="<pad>")
+
+
+def qwen2_style_tokenizer():
+    from tokenizers import Regex, pre_tokenizers
+
+    from instructlm.gguf_file import _QWEN2_SPLIT
+
+    return with_pre_tokenizer(pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]))
+
+
+@pytest.mark.parametrize("model_type", GGUF_FAMILIES)
+def test_every_family_marked_for_gguf_reads_back_the_same(model_type, tmp_path):
+    """Q and K stored permuted (Llama's families), biases (Qwen2), tied output layers: the
+    logits come back as they were."""
+    tokenizer = make_tiny_tokenizer()
+    model = random_family_model(model_type, tokenizer)
     path = tmp_path / f"{model_type}.gguf"
     write_gguf(model, tokenizer, "", path, "f16", "tiny")
     back, _, meta = read_back(path)
@@ -94,21 +123,34 @@ def test_every_family_marked_for_gguf_reads_back_the_same(model_type, tmp_path):
     assert meta["general.architecture"] == ARCHITECTURES[model_type].gguf
 
 
+@pytest.mark.parametrize("model_type", GGUF_FAMILIES)
+def test_llama_cpp_reads_every_family_as_transformers_runs_it(model_type, tmp_path):
+    """llama.cpp itself, not a loader that might undo our own mistake: it splits the text
+    into the same tokens (GPT-2's words, and Qwen2's for Qwen2) and computes the same
+    logits, so the tensors, their permutation, biases and tied output layer are right."""
+    llama_cpp_or_skip()
+    from instructlm.gguf_file import load_in_llama_cpp
+
+    tokenizer = qwen2_style_tokenizer() if model_type == "qwen2" else make_tiny_tokenizer()
+    model = random_family_model(model_type, tokenizer)
+    path = tmp_path / f"{model_type}.gguf"
+    write_gguf(model, tokenizer, "", path, "f16", "tiny")
+    cpp = load_in_llama_cpp(path, logits_all=True)
+    for text in CORPUS[:3] + ["Numbers 12345 and  two   spaces,\nnew lines; 'quotes' it's"]:
+        ids = tokenizer(text)["input_ids"]
+        assert cpp.tokenize(text.encode(), add_bos=False, special=False) == ids, text
+        cpp.reset()
+        cpp.eval(ids)
+        got = torch.tensor(cpp.scores[:len(ids)])
+        want = logits(model, ids)
+        assert (got - want).abs().max() <= 5e-3 * want.abs().max(), (text, model_type)
+
+
 def test_qwen2s_pre_tokenizer_is_named_for_llama_cpp():
-    from tokenizers import Regex, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from instructlm.gguf_file import _QWEN2_SPLIT
-
-    def with_pre_tokenizer(pre):
-        backend = make_tiny_tokenizer().backend_tokenizer
-        backend.pre_tokenizer = pre
-        return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
+    from tokenizers import pre_tokenizers
 
     assert pre_tokenizer(make_tiny_tokenizer()) == "gpt-2"
-    assert pre_tokenizer(with_pre_tokenizer(pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]))) == "qwen2"
+    assert pre_tokenizer(qwen2_style_tokenizer()) == "qwen2"
     with pytest.raises(InstructlmError, match="splits words"):
         pre_tokenizer(with_pre_tokenizer(pre_tokenizers.Whitespace()))
 

@@ -233,7 +233,8 @@ def _llama_cpp_quantize(source: Path, target: Path) -> None:
                               hint="llama.cpp said: " + " / ".join(log.getvalue().splitlines()[-3:]))
 
 
-def load_in_llama_cpp(path: Path, n_threads: int = 2, repack: bool = False) -> Any:
+def load_in_llama_cpp(path: Path, n_threads: int = 2, repack: bool = False,
+                      **options: Any) -> Any:
     """An exported file in llama.cpp itself (llama-cpp-python's `Llama`), to check the export.
 
     Without `repack`, as `llama-cli --no-repack` loads it: the weights stay in the file's
@@ -251,7 +252,8 @@ def load_in_llama_cpp(path: Path, n_threads: int = 2, repack: bool = False) -> A
     # `Llama` takes its model parameters from this function and has no argument for this one.
     llama_cpp.llama.llama_cpp.llama_model_default_params = params
     try:
-        return llama_cpp.Llama(str(path), n_ctx=1024, n_threads=n_threads, verbose=False)
+        return llama_cpp.Llama(str(path), **{"n_ctx": 1024, "n_threads": n_threads,
+                                             "verbose": False, **options})
     finally:
         llama_cpp.llama.llama_cpp.llama_model_default_params = defaults
 
