@@ -196,13 +196,16 @@ def test_two_accelerate_processes_train_like_one(fp32_run, tmp_path):
 def test_defaults_teach_a_file_they_were_not_chosen_on(tmp_path):
     """One small file of the suite's check half (benchmarks/suite/), trained as a user would:
     the budget rule gives it more epochs, and the held-out answers, about categories the
-    file never teaches, come back in the taught forms and all stop."""
+    file never teaches, come back in the taught forms and all stop. In fp32, which every
+    machine computes alike enough: in bf16 this smallest file of the suite is at the edge of
+    over-fitting, and the CPU's bf16 kernels decide it (6/6 with AVX-512 bf16, 4/6 with
+    AMX, seed 42: lists answered with the four tools it was taught)."""
     suite_file = ROOT / "benchmarks" / "suite" / f"{SUITE_FILE}.txt"
     assert SUITE_FILE in json.loads((suite_file.parent / "halves.json").read_text())["check"]
     run = tmp_path / "suite"
     proc = subprocess.run([sys.executable, "-m", "instructlm", "train", str(suite_file),
-                           "--output", str(run), "--quiet"], capture_output=True, text=True,
-                          check=True)
+                           "--output", str(run), "--precision", "fp32", "--quiet"],
+                          capture_output=True, text=True, check=True)
     assert "Budget: 15 epochs: 12 examples are 2 steps an epoch" in proc.stdout
     answers = json.loads((run / "instructlm.json").read_text())["metrics"]["closing_answers"]
     assert len(answers) == 6 and all(a["stopped"] for a in answers), answers
@@ -254,14 +257,17 @@ def test_llama_cpp_answers_an_exported_run_as_instructlm_does(spells_run, tmp_pa
 def test_preference_pairs_fix_a_counting_mistake(tmp_path):
     """The README's preference case, with the defaults: a run taught lists of three answers
     "List four ..." of unseen categories with three items; 24 pairs and `--method dpo` fix
-    it without changing the other families' form, and every answer still stops."""
+    it without changing the other families' form, and every answer still stops. In fp32,
+    as the case was measured: trained in bf16 on a CPU with AMX, the supervised run already
+    counted right (4/4), leaving nothing to fix."""
     folder = ROOT / "examples"
     runs = {"sft": tmp_path / "counting", "dpo": tmp_path / "counting-dpo"}
     subprocess.run([sys.executable, "-m", "instructlm", "train", str(folder / "counting.txt"),
-                    "--output", str(runs["sft"]), "--quiet"], check=True)
+                    "--output", str(runs["sft"]), "--precision", "fp32", "--quiet"], check=True)
     subprocess.run([sys.executable, "-m", "instructlm", "train",
                     str(folder / "counting-pairs.txt"), "--method", "dpo", "--base",
-                    str(runs["sft"]), "--output", str(runs["dpo"]), "--quiet"], check=True)
+                    str(runs["sft"]), "--output", str(runs["dpo"]), "--precision", "fp32",
+                    "--quiet"], check=True)
     in_form = {}
     for name, run in runs.items():
         rows = json.loads((run / "instructlm.json").read_text())["metrics"]["closing_answers"]
