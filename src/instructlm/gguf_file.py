@@ -229,8 +229,9 @@ def _llama_cpp_quantize(source: Path, target: Path) -> None:
         failed = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(),
                                                 params) != 0
     if failed:
+        said = " / ".join(log.getvalue().splitlines()[-3:])
         raise InstructlmError(f"llama.cpp could not quantize {source.name} to Q4_K_M",
-                              hint="llama.cpp said: " + " / ".join(log.getvalue().splitlines()[-3:]))
+                              hint=f"llama.cpp said: {said}")
 
 
 def load_in_llama_cpp(path: Path, n_threads: int = 2, repack: bool = False,
