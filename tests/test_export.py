@@ -1,5 +1,6 @@
 """`instructlm export`: the GGUF holds the run's model, tokenizer, end token and prompt, read
-back by transformers' own GGUF loader; the Modelfile asks Ollama the same prompt."""
+back by transformers' own GGUF loader and by llama.cpp; the Modelfile asks Ollama the same
+prompt."""
 
 from __future__ import annotations
 
