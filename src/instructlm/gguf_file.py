@@ -243,7 +243,8 @@ def load_in_llama_cpp(path: Path, n_threads: int = 2, repack: bool = False,
     crashes on some machines (ggml-org/llama.cpp#20824) and rounds differently on others.
     """
     llama_cpp = _llama_cpp()
-    defaults = llama_cpp.llama_cpp.llama_model_default_params
+    bindings = llama_cpp.llama_cpp  # the C functions, the module `Llama` calls them through
+    defaults = bindings.llama_model_default_params
 
     def params() -> Any:
         chosen = defaults()
@@ -251,12 +252,12 @@ def load_in_llama_cpp(path: Path, n_threads: int = 2, repack: bool = False,
         return chosen
 
     # `Llama` takes its model parameters from this function and has no argument for this one.
-    llama_cpp.llama.llama_cpp.llama_model_default_params = params
+    bindings.llama_model_default_params = params
     try:
         return llama_cpp.Llama(str(path), **{"n_ctx": 1024, "n_threads": n_threads,
                                              "verbose": False, **options})
     finally:
-        llama_cpp.llama.llama_cpp.llama_model_default_params = defaults
+        bindings.llama_model_default_params = defaults
 
 
 def _llama_cpp() -> Any:
