@@ -407,3 +407,39 @@ def test_streamed_text_adds_up_to_the_answer_and_stops_when_asked(tiny_tokenizer
                                       should_stop=lambda: asked.append(1) or len(asked) > 3)
     # Asked after every token, also among those one call of lookup decoding accepted.
     assert short.new_tokens == 4 and whole.response.startswith(short.response)
+
+
+def test_weight_first_products_give_the_plain_logits_and_leave_training_alone(tiny_tokenizer):
+    """While answering, every linear layer multiplies W @ x.T: the same logits as nn.Linear
+    (to rounding), for one row and for a batch; with gradients on, exactly nn.Linear's."""
+    from instructlm.weight_first import WeightFirstLinear, use_weight_first
+
+    plain = make_tiny_model(tiny_tokenizer).eval()
+    fast = use_weight_first(copy.deepcopy(plain))
+    linears = [m for m in fast.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is WeightFirstLinear for m in linears)
+    assert fast.lm_head.weight is fast.model.embed_tokens.weight  # still tied
+    ids = torch.randint(3, len(tiny_tokenizer), (5, 7))
+    for rows in (ids[:1], ids):
+        with torch.inference_mode():
+            want, got = plain(rows).logits, fast(rows).logits
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # a held-out loss during training: nn.Linear's own numbers
+        assert torch.equal(fast(ids).logits, plain(ids).logits)
+    fast(ids).logits.sum().backward()  # training: gradients flow as before
+    assert fast.lm_head.weight.grad is not None
+
+
+def test_weight_first_leaves_subclasses_of_linear_alone():
+    from instructlm.weight_first import use_weight_first
+
+    class Quantised(torch.nn.Linear):
+        pass
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), Quantised(3, 2))
+    use_weight_first(model)
+    assert type(model[1]) is Quantised
+    x = torch.randn(2, 4)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), model[1](torch.nn.functional.linear(
+            x, model[0].weight, model[0].bias)))

@@ -69,7 +69,9 @@ class Answerer:
     """A model, its tokenizer and the template it was taught with."""
 
     def __init__(self, model: Any, tokenizer: Any, template: Template, name: str) -> None:
-        self.model = model.eval()
+        from .weight_first import use_weight_first  # imports torch: only once a model is here
+
+        self.model = use_weight_first(model.eval())
         self.tokenizer = tokenizer
         self.template = template
         self.name = name
