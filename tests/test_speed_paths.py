@@ -443,3 +443,19 @@ def test_weight_first_leaves_subclasses_of_linear_alone():
     with torch.inference_mode():
         torch.testing.assert_close(model(x), model[1](torch.nn.functional.linear(
             x, model[0].weight, model[0].bias)))
+
+
+def test_the_decode_products_benchmark_runs_on_a_tiny_model(tiny_base):
+    """benchmarks/decode_products.py end to end, small, so that it cannot rot."""
+    import json
+    import subprocess
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "decode_products.py"
+    proc = subprocess.run([sys.executable, str(script), "--base", str(tiny_base), "--rows",
+                           "1,3", "--context", "4", "--steps", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rounds = json.loads(proc.stdout.splitlines()[-1])["rounds"]
+    assert len(rounds) == 2
+    assert all(s > 0 for got in rounds for order in got.values() for s in order.values())
+    assert "| 3 |" in proc.stdout
