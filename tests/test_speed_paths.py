@@ -424,7 +424,7 @@ def test_weight_first_products_give_the_plain_logits_and_leave_training_alone(ti
         with torch.inference_mode():
             want, got = plain(rows).logits, fast(rows).logits
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    with torch.no_grad():  # a held-out loss during training: nn.Linear's own numbers
+    with torch.no_grad():  # outside inference mode: nn.Linear's own numbers
         assert torch.equal(fast(ids).logits, plain(ids).logits)
     fast(ids).logits.sum().backward()  # training: gradients flow as before
     assert fast.lm_head.weight.grad is not None
