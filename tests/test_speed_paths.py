@@ -411,7 +411,8 @@ def test_streamed_text_adds_up_to_the_answer_and_stops_when_asked(tiny_tokenizer
 
 def test_weight_first_products_give_the_plain_logits_and_leave_training_alone(tiny_tokenizer):
     """While answering, every linear layer multiplies W @ x.T: the same logits as nn.Linear
-    (to rounding), for one row and for a batch; with gradients on, exactly nn.Linear's."""
+    (to rounding), for one row and for a batch; outside inference mode, exactly nn.Linear's,
+    and gradients still flow."""
     from instructlm.weight_first import WeightFirstLinear, use_weight_first
 
     plain = make_tiny_model(tiny_tokenizer).eval()
