@@ -8,6 +8,7 @@ import pytest
 
 from instructlm.budget import DEFAULT_EPOCHS, choose_budget, make_scheduler
 from instructlm.curve import learning_curve
+from instructlm.loss import DEFAULT_AVERAGE
 from instructlm.train import train
 
 from conftest import EIGHT_FACTS, tiny_settings
@@ -66,6 +67,26 @@ def test_train_says_and_saves_what_it_chose(tmp_path, tiny_base):
     assert info["metrics"]["steps"] == 10
     assert any(line.startswith("Budget: 5 epochs") and "constant schedule" in line
                for line in said)
+    assert info["settings"]["loss_average"] == DEFAULT_AVERAGE
+
+
+def test_the_token_average_is_an_option_the_run_keeps(tmp_path, tiny_base):
+    """`--loss-average token` trains another model, says so, and lands in the run."""
+    (tmp_path / "facts.txt").write_text(EIGHT_FACTS, encoding="utf-8")
+    losses = {}
+    for average in ("example", "token"):
+        said: list[str] = []
+        run = train(tmp_path / "facts.txt", tmp_path / average,
+                    tiny_settings(tiny_base, epochs=2, batch_size=4, loss_average=average),
+                    report=said.append, progress=False)
+        info = json.loads((run / "instructlm.json").read_text())
+        assert info["settings"]["loss_average"] == average
+        said_average = {"example": "each example's loss weighs the same",
+                        "token": "the loss averaged over all answer tokens"}[average]
+        assert any(line.startswith("Budget: ") and said_average in line for line in said)
+        records = [json.loads(line) for line in (run / "losses.jsonl").read_text().splitlines()]
+        losses[average] = [r["loss"] for r in records if "loss" in r]
+    assert losses["example"][0] != pytest.approx(losses["token"][0], rel=1e-4)
 
 
 def test_curve_gives_each_size_the_budget_train_would(tmp_path, tiny_base):

@@ -106,6 +106,28 @@ def test_padding_does_not_change_an_examples_loss(tiny_tokenizer, encoded):
     assert together.item() == pytest.approx(mixed, rel=1e-4)
 
 
+@pytest.mark.parametrize("path", ["packed", "shared prefix", "plain", "model's own"])
+def test_example_average_is_the_mean_of_each_examples_own_loss(tiny_tokenizer, encoded,
+                                                                path, monkeypatch):
+    """Averaged per example, a batch's loss is the mean of its examples' losses, however
+    many tokens each answer has, on every path the loss can take."""
+    model = make_tiny_model(tiny_tokenizer).eval()
+    pad = tiny_tokenizer.pad_token_id
+    monkeypatch.setattr(loss_module, "packing_pays", lambda *args: path == "packed")
+    options = {"share_prefix": path != "plain", "labels_only": path != "model's own"}
+    alone = [batch_loss(model, collate([e], pad), "cpu", "fp32", **options).item()
+             for e in encoded]
+    assert len({e.n_labels for e in encoded}) > 1  # answers of different lengths
+    batch = collate(encoded, pad)
+    per_example = batch_loss(model, batch, "cpu", "fp32", average="example", **options)
+    per_token = batch_loss(model, batch, "cpu", "fp32", average="token", **options)
+    assert per_example.item() == pytest.approx(sum(alone) / len(alone), rel=1e-5)
+    weighted = sum(x * e.n_labels for x, e in zip(alone, encoded, strict=True))
+    assert per_token.item() == pytest.approx(weighted / sum(e.n_labels for e in encoded),
+                                             rel=1e-5)
+    assert per_example.item() != pytest.approx(per_token.item(), rel=1e-3)
+
+
 def test_sparse_embedding_gradient_equals_the_dense_one(tiny_tokenizer, encoded):
     dense_model = make_tiny_model(tiny_tokenizer)
     sparse_model = copy.deepcopy(dense_model)
@@ -299,9 +321,10 @@ def test_dropping_finished_answers_samples_reproducibly(tiny_tokenizer):
     assert runs[0] == runs[1] and all(len(r) == 8 for r in runs[0])
 
 
+@pytest.mark.parametrize("average", ["example", "token"])
 @pytest.mark.parametrize("share_prefix", [True, False])
 def test_packed_rows_give_the_padded_rows_loss_and_gradients(tiny_tokenizer, encoded,
-                                                            share_prefix, monkeypatch):
+                                                            share_prefix, average, monkeypatch):
     """One packed row without padding: the same loss and gradients as the padded rows."""
     batch = collate(encoded, tiny_tokenizer.pad_token_id)
     assert (batch["attention_mask"] == 0).any()  # there is padding to leave out
@@ -312,8 +335,10 @@ def test_packed_rows_give_the_padded_rows_loss_and_gradients(tiny_tokenizer, enc
     calls = []
     packed.model.register_forward_hook(lambda m, args, kwargs, out: calls.append(
         kwargs["input_ids"].shape), with_kwargs=True)
-    a = batch_loss(packed, batch, "cpu", "fp32", share_prefix=share_prefix, pack=True)
-    b = batch_loss(padded, batch, "cpu", "fp32", share_prefix=share_prefix, pack=False)
+    a = batch_loss(packed, batch, "cpu", "fp32", share_prefix=share_prefix, pack=True,
+                   average=average)
+    b = batch_loss(padded, batch, "cpu", "fp32", share_prefix=share_prefix, pack=False,
+                   average=average)
     shared = shared_prefix_length(batch) if share_prefix else 0
     assert shared or not share_prefix
     # One call, one row: every real token once, the shared prefix once for all rows.

@@ -16,6 +16,7 @@ API_KEY_ENV = "INSTRUCTLM_API_KEY"  # a key in the environment, not in `ps` outp
 def _add_training(p: argparse.ArgumentParser) -> None:
     from .budget import DEFAULT_EPOCHS, SCHEDULES
     from .devices import PRECISIONS
+    from .loss import AVERAGES
     from .train import FULL_LR, LORA_LR, TrainSettings
 
     d = TrainSettings()
@@ -53,6 +54,11 @@ def _add_training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-loss", action=argparse.BooleanOptionalAction, default=None,
                    help="learn the instruction too, not only the response (default: off; "
                         "supervised runs only)")
+    p.add_argument("--loss-average", choices=AVERAGES,
+                   help=f"how a batch's loss averages its answers' tokens (default "
+                        f"{d.loss_average}): example, each example's mean and then the mean "
+                        "over the examples (short answers weigh as much as long ones); "
+                        "token, the mean over all tokens")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     lora = p.add_argument_group("LoRA", "train small adapters beside frozen base weights; the "
                                         "run then stores only the adapter")

@@ -126,6 +126,7 @@ class PackedRow:
     positions: Any
     attention: Any  # boolean, [1, 1, length, length]: who may attend to whom
     targets: Any  # IGNORE_INDEX where there is no label
+    rows: Any  # the batch row each position came from (-1: the shared prefix)
 
 
 def packed_row(batch: dict[str, Any], start: int) -> PackedRow:
@@ -159,4 +160,4 @@ def packed_row(batch: dict[str, Any], start: int) -> PackedRow:
     allowed = (index[:, None] >= index[None, :]) \
         & ((segment[:, None] == segment[None, :]) | (segment[None, :] == -1))
     return PackedRow(torch.cat(pieces)[None], torch.cat(positions)[None], allowed[None, None],
-                     torch.cat(targets))
+                     torch.cat(targets), segment)

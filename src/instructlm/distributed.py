@@ -140,8 +140,8 @@ class Shard:
     def share(self, mine: list[int], counts: bool, indices: list[int],
               weights: list[int]) -> float:
         """The weight of this process's mean loss: its share of the batch (of its response
-        tokens, or of its pairs: the examples' `weights`), times the number of processes
-        (whose gradients DDP averages)."""
+        tokens, of its examples or of its pairs: the examples' `weights`), times the number
+        of processes (whose gradients DDP averages)."""
         if not counts:
             return 0.0
         local = sum(weights[i] for i in mine)

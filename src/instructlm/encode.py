@@ -41,7 +41,8 @@ class EncodedExample:
 
     @property
     def weight(self) -> int:
-        """Its share of a batch's mean loss, which is a mean over the tokens taught."""
+        """Its share of a batch's mean loss averaged over the tokens taught (loss.AVERAGES);
+        averaged per example, each has one share."""
         return self.n_labels
 
 

@@ -64,9 +64,11 @@ def fit(trainee: Trainee, settings: TrainSettings, report: Report, progress: boo
     total = per_epoch * settings.epochs
     step = TrainStep(t.model, settings.lr, settings.weight_decay, settings.warmup_ratio,
                      total, t.device, t.precision, settings.schedule,
-                     accelerator=t.accelerator, fsdp=t.fsdp, objective=t.objective)
+                     accelerator=t.accelerator, fsdp=t.fsdp, objective=t.objective,
+                     loss_average=settings.loss_average)
     shard = Shard(t.accelerator)
-    weights = [e.weight for e in t.train_set]  # of each in its batch's mean loss
+    # of each in its batch's mean loss: its tokens, or one share per example
+    weights = [e.weight if settings.loss_average == "token" else 1 for e in t.train_set]
     records: list[dict[str, Any]] = []
     skip = 0  # steps a resumed run has done already
     if resumed is not None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from .budget import make_scheduler
 from .errors import InstructlmError
-from .loss import batch_loss
+from .loss import DEFAULT_AVERAGE, batch_loss
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,8 @@ class TrainStep:
     def __init__(self, model: Any, lr: float, weight_decay: float, warmup_ratio: float,
                  total_steps: int, device: str, precision: str, schedule: str = "linear",
                  speed: SpeedPaths = SpeedPaths(), accelerator: Any = None,
-                 fsdp: Any = None, objective: Any = None) -> None:
+                 fsdp: Any = None, objective: Any = None,
+                 loss_average: str = DEFAULT_AVERAGE) -> None:
         import torch
 
         from .distributed import shard_model
@@ -133,7 +134,7 @@ class TrainStep:
         self.names = [n for n, _ in named]
         self.numbers = Precision([p for _, p in named], precision, device,
                                  speed.master_weights)
-        self.loss = loss_module(model, device, precision, speed, objective)
+        self.loss = loss_module(model, device, precision, speed, objective, loss_average)
         if self.world > 1 and not self.fsdp:  # wrapped in DDP (once the weights have their
             # dtype), whose backward averages the gradients of every process
             self.loss = accelerator.prepare_model(self.loss, device_placement=False)
@@ -252,11 +253,11 @@ def _full_state(**options: Any) -> Any:
 
 
 def loss_module(model: Any, device: str, precision: str, speed: SpeedPaths,
-                objective: Any = None) -> Any:
+                objective: Any = None, average: str = DEFAULT_AVERAGE) -> Any:
     """The training loss of `model` as a module of its own, so that DistributedDataParallel
     can wrap it: its backward then averages the gradients of every process. The loss is the
-    supervised one, or `objective(model, batch, device, precision, labels_only)` (preference
-    tuning)."""
+    supervised one (its tokens averaged as `average` says: loss.AVERAGES), or
+    `objective(model, batch, device, precision, labels_only)` (preference tuning)."""
     import torch
 
     class LossOf(torch.nn.Module):
@@ -268,7 +269,7 @@ def loss_module(model: Any, device: str, precision: str, speed: SpeedPaths,
             if objective is not None:
                 return objective(self.model, batch, device, precision, speed.labels_only)
             return batch_loss(self.model, batch, device, precision, speed.labels_only,
-                              speed.share_prefix, speed.pack)
+                              speed.share_prefix, speed.pack, average)
 
     return LossOf()
 

@@ -34,6 +34,7 @@ from .errors import InstructlmError
 from .evaluate import EvalResult, EvalSet, Report, evaluate
 from .fit import Trainee, fit
 from .formats import Example, InstructionSet, read_instruction_file
+from .loss import AVERAGES, DEFAULT_AVERAGE
 from .optimize import TrainStep
 from .preference import (
     DEFAULT_BETA,
@@ -92,6 +93,7 @@ class TrainSettings:
     # True: the instruction is learned too, not only the response (encode.py); supervised
     # runs only. Off: on the suite it made no more answers right (docs/benchmarks.md).
     prompt_loss: bool = False
+    loss_average: str = DEFAULT_AVERAGE  # over each example's tokens, then examples (loss.py)
     lora: bool = False  # train LoRA adapters on frozen base weights instead of every weight
     lora_rank: int = 16
     lora_alpha: int = 32
@@ -128,6 +130,7 @@ class TrainSettings:
             ("warmup_ratio", 0 <= self.warmup_ratio < 1, "in [0, 1)"),
             ("weight_decay", self.weight_decay >= 0, "0 or more"),
             ("precision", self.precision in PRECISIONS, " or ".join(PRECISIONS)),
+            ("loss_average", self.loss_average in AVERAGES, " or ".join(AVERAGES)),
             ("lora_rank", self.lora_rank >= 1, "at least 1"),
             ("lora_alpha", self.lora_alpha > 0, "above 0"),
             ("lora_dropout", 0 <= self.lora_dropout < 1, "in [0, 1)"),
@@ -277,6 +280,9 @@ def _prepare(data: InstructionSet, output: Path, settings: TrainSettings, accele
            f"({len(eval_set)} for evaluation), template {template.name}, {precision} on "
            f"{device}{processes}")
     taught = "; the instructions learned too" if settings.prompt_loss else ""
+    if not settings.preference:
+        taught += ("; each example's loss weighs the same" if settings.loss_average == "example"
+                   else "; the loss averaged over all answer tokens")
     report(f"Budget: {budget.why}; learning rate {settings.lr:g}, {settings.schedule} "
            f"schedule{taught}")
     if settings.preference:
