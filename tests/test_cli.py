@@ -120,6 +120,8 @@ def test_bad_files_give_one_clear_error(tmp_path, content, words):
     ("--lr", "-1", "--lr must be above 0"),
     ("--batch-size", "0", "--batch-size must be at least 1"),
     ("--prompt-loss", "--method=dpo", "--prompt-loss must be off for --method dpo and orpo"),
+    ("--loss-average=example", "--method=orpo",
+     "--loss-average must be token for --method dpo and orpo"),
 ])
 def test_bad_settings_are_refused(tmp_path, capsys, flag, value, words):
     f = tmp_path / "a.txt"

@@ -93,7 +93,7 @@ class TrainSettings:
     # True: the instruction is learned too, not only the response (encode.py); supervised
     # runs only. Off: on the suite it made no more answers right (docs/benchmarks.md).
     prompt_loss: bool = False
-    loss_average: str = DEFAULT_AVERAGE  # over each example's tokens, then examples (loss.py)
+    loss_average: str = DEFAULT_AVERAGE  # how a batch's loss averages its tokens: loss.AVERAGES
     lora: bool = False  # train LoRA adapters on frozen base weights instead of every weight
     lora_rank: int = 16
     lora_alpha: int = 32
@@ -141,6 +141,9 @@ class TrainSettings:
             # A pair's two answers share their prompt: there is nothing in it to prefer.
             ("prompt_loss", not (self.prompt_loss and self.preference),
              "off for --method dpo and orpo"),
+            # A preference loss is a mean over pairs; it has no tokens to average.
+            ("loss_average", self.loss_average == "token" or not self.preference,
+             "token for --method dpo and orpo"),
         ) if not ok]
         if problems:
             raise InstructlmError("; ".join(problems))
