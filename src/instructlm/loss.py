@@ -39,22 +39,24 @@ def batch_loss(model: Any, batch: dict[str, Any], device: str, precision: str,
             logits = model(**unlabelled).logits[:, :-1]
             targets = batch["labels"][:, 1:]  # position t predicts token t + 1
             keep = targets != IGNORE_INDEX
-            return _cross_entropy(logits[keep], targets[keep], _rows(targets)[keep], average)
+            return _cross_entropy(logits[keep], targets, keep, _rows(targets), average)
         hidden, targets, rows = _hidden_states(model, batch, share_prefix, pack)
         keep = targets != IGNORE_INDEX
         logits = model.get_output_embeddings()(hidden[keep])
-    return _cross_entropy(logits, targets[keep], rows[keep], average)
+    return _cross_entropy(logits, targets, keep, rows, average)
 
 
-def _cross_entropy(logits: Any, targets: Any, rows: Any, average: str) -> Any:
-    """The mean loss of labelled positions, each from batch row `rows`: over the positions,
-    or per row and then over the rows."""
+def _cross_entropy(logits: Any, targets: Any, keep: Any, rows: Any, average: str) -> Any:
+    """The mean loss of the labelled positions (`keep`; `logits` holds theirs only), each
+    from batch row `rows`: over the positions, or per row and then over the rows. The rows
+    are looked up only for the per-row mean, off the default's path."""
     import torch
 
     if average == "token":
-        return torch.nn.functional.cross_entropy(logits.float(), targets)
-    per_token = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
-    _, row, count = torch.unique(rows, return_inverse=True, return_counts=True)
+        return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
+    per_token = torch.nn.functional.cross_entropy(logits.float(), targets[keep],
+                                                  reduction="none")
+    _, row, count = torch.unique(rows[keep], return_inverse=True, return_counts=True)
     return (per_token / count[row]).sum() / len(count)
 
 
