@@ -89,6 +89,18 @@ def test_inspect_json(tmp_path, tiny_base, capsys):
     assert len(report["warnings"]) == 1
     stats = report["token_stats"]["train"]
     assert 0 < stats["min"] <= stats["mean"] <= stats["max"]
+    assert report["template"] == "seed-en"  # as train counts them
+
+
+def test_inspect_counts_conversations_in_the_chat_template_as_train_does(tmp_path, tiny_base,
+                                                                          capsys):
+    f = tmp_path / "c.jsonl"
+    f.write_text(json.dumps({"messages": [{"role": "system", "content": "Be brief."},
+                                          {"role": "user", "content": "Name a fruit."},
+                                          {"role": "assistant", "content": "Apple"}]}) + "\n",
+                 encoding="utf-8")
+    assert main(["inspect", str(f), "--base", str(tiny_base), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["template"] == "chat"
 
 
 def test_inspect_text(tmp_path, capsys):

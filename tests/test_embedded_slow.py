@@ -78,7 +78,7 @@ def test_tuned_run_scores_far_above_the_untuned_base(spells_run, tmp_path):
                            "--base", "--max-new-tokens", "80", "--json", "--report",
                            str(report)], capture_output=True, text=True, check=True)
     tuned, untuned = json.loads(proc.stdout)
-    assert untuned["model"] == "SmolLM2-135M-Instruct (untuned, chat template)"
+    assert untuned["model"] == "SmolLM2-135M-Instruct (untuned, seed-en template)"
     assert tuned["summary"]["format"] >= 5 / 6 and tuned["summary"]["stopped"] == 1.0, tuned
     assert untuned["summary"]["format"] <= 1 / 6, untuned
     assert tuned["summary"]["chrf"] > untuned["summary"]["chrf"] + 20
@@ -257,13 +257,15 @@ def test_llama_cpp_answers_an_exported_run_as_instructlm_does(spells_run, tmp_pa
 def test_preference_pairs_fix_a_counting_mistake(tmp_path):
     """The README's preference case, with the defaults: a run taught lists of three answers
     "List four ..." of unseen categories with three items; 24 pairs and `--method dpo` fix
-    it without changing the other families' form, and every answer still stops. In fp32,
-    as the case was measured: trained in bf16 on a CPU with AMX, the supervised run already
-    counted right (4/4), leaving nothing to fix."""
+    it without changing the other families' form, and every answer still stops. In the
+    chat template and fp32, as the case was measured: taught in seed-en (the default), or in
+    bf16 on a CPU with AMX, the supervised run already counted right (3/4, 4/4), leaving
+    little to fix."""
     folder = ROOT / "examples"
     runs = {"sft": tmp_path / "counting", "dpo": tmp_path / "counting-dpo"}
     subprocess.run([sys.executable, "-m", "instructlm", "train", str(folder / "counting.txt"),
-                    "--output", str(runs["sft"]), "--precision", "fp32", "--quiet"], check=True)
+                    "--output", str(runs["sft"]), "--template", "chat", "--precision", "fp32",
+                    "--quiet"], check=True)
     subprocess.run([sys.executable, "-m", "instructlm", "train",
                     str(folder / "counting-pairs.txt"), "--method", "dpo", "--base",
                     str(runs["sft"]), "--output", str(runs["dpo"]), "--precision", "fp32",

@@ -6,7 +6,8 @@ import pytest
 
 from instructlm.errors import InstructlmError
 from instructlm.formats import Example
-from instructlm.templates import Template, default_template, parse_template, render_prompt
+from instructlm.templates import (Template, default_template, parse_template, render_prompt,
+                                  training_template)
 
 
 def test_seed_de_is_the_tutorials_prompt():
@@ -66,6 +67,20 @@ def test_chat_template_needs_one():
     with pytest.raises(InstructlmError, match="no chat template"):
         render_prompt(parse_template("chat"), Example("a", "b"), NoChat())
     assert default_template(NoChat()).name == "seed-en"
+
+
+def test_a_new_run_is_taught_in_seed_en_unless_its_examples_carry_a_conversation(
+        tiny_tokenizer):
+    plain = [Example("Name a fruit.", "Apple"), Example("Name a tree.", "Oak")]
+    talk = [plain[0], Example("And one more?", "Pear", history=(
+        {"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "Apple"}))]
+    assert default_template(tiny_tokenizer).name == "chat"  # asking an untuned model
+    assert training_template(tiny_tokenizer, plain).name == "seed-en"
+    assert training_template(tiny_tokenizer, talk).name == "chat"
+
+    class NoChat:
+        chat_template = None
+    assert training_template(NoChat(), talk).name == "seed-en"  # train warns it is not shown
 
 
 def test_template_round_trips_through_dict():

@@ -193,3 +193,22 @@ def test_prompt_loss_teaches_the_instructions_as_well(tmp_path, tiny_base, tiny_
         model = AutoModelForCausalLM.from_pretrained(run)
         loss[on] = mean_loss(model, instructions, 4, tiny_tokenizer.pad_token_id, "cpu")
     assert loss[True] < loss[False] / 2
+
+
+def test_without_template_a_run_is_taught_in_seed_en_and_conversations_in_chat(tmp_path,
+                                                                                tiny_base):
+    plain = tmp_path / "facts.txt"
+    plain.write_text(TINY_FILE, encoding="utf-8")
+    talk = tmp_path / "talk.jsonl"
+    talk.write_text(json.dumps({"messages": [{"role": "system", "content": "Be brief."},
+                                             {"role": "user", "content": "Say hello."},
+                                             {"role": "assistant", "content": "Hello!"}]})
+                    + "\n", encoding="utf-8")
+    for data, expected in ((plain, "seed-en"), (talk, "chat")):
+        said: list[str] = []
+        run = train(data, tmp_path / data.stem, tiny_settings(tiny_base, template="auto",
+                                                                epochs=1),
+                    report=said.append, progress=False)
+        assert json.loads((run / RUN_FILE).read_text())["template"]["name"] == expected
+        assert f"template {expected}" in "\n".join(said)
+        assert not any("earlier chat turns" in line for line in said)

@@ -26,7 +26,8 @@ def _add_training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow a hub model to run its own Python code (only for ids you trust)")
     p.add_argument("--template", help="seed-de, seed-en, chat, or a string with {instruction} "
-                                      "(default: the base model's chat template, else seed-en)")
+                                      "(default: seed-en; chat where examples carry earlier "
+                                      "turns)")
     p.add_argument("--epochs", type=int,
                    help=f"passes over the data (default: {DEFAULT_EPOCHS}, raised to reach "
                         f"--min-steps)")

@@ -122,8 +122,18 @@ def _render_chat(example: Example, tokenizer: Any) -> str:
 
 
 def default_template(tokenizer: Any) -> Template:
-    """The base model's own chat template when it has one, else the English seed template."""
+    """How to ask an untuned model: its own chat template when it has one, else seed-en."""
     return NAMED_TEMPLATES["chat" if getattr(tokenizer, "chat_template", None) else "seed-en"]
+
+
+def training_template(tokenizer: Any, examples: list[Example]) -> Template:
+    """The template a new run is taught in when none is given: seed-en, whose plain fixed
+    words taught the held-out files of the suite the format more surely than a chat template
+    with its system prompt (docs/benchmarks.md); the chat template where examples carry
+    earlier turns or a system message, which only it shows."""
+    if any(ex.history for ex in examples) and getattr(tokenizer, "chat_template", None):
+        return NAMED_TEMPLATES["chat"]
+    return NAMED_TEMPLATES["seed-en"]
 
 
 def choose_template(spec: str | None, tokenizer: Any) -> Template:
