@@ -255,12 +255,12 @@ def test_llama_cpp_answers_an_exported_run_as_instructlm_does(spells_run, tmp_pa
 
 @pytest.mark.slow
 def test_preference_pairs_fix_a_counting_mistake(tmp_path):
-    """The README's preference case, with the defaults: a run taught lists of three answers
-    "List four ..." of unseen categories with three items; 24 pairs and `--method dpo` fix
-    it without changing the other families' form, and every answer still stops. In the
-    chat template and fp32, as the case was measured: taught in seed-en (the default), or in
-    bf16 on a CPU with AMX, the supervised run already counted right (3/4, 4/4), leaving
-    little to fix."""
+    """The README's preference case: a run taught lists of three answers "List four ..." of
+    unseen categories with three items; 24 pairs and `--method dpo` with the defaults fix it
+    without changing the other families' form, and every answer still stops. In the chat
+    template and fp32, as the case was measured: taught in seed-en (the default), or in bf16
+    on a CPU with AMX, the supervised run already counted right (3/4, 4/4), leaving little
+    to fix."""
     folder = ROOT / "examples"
     runs = {"sft": tmp_path / "counting", "dpo": tmp_path / "counting-dpo"}
     subprocess.run([sys.executable, "-m", "instructlm", "train", str(folder / "counting.txt"),
