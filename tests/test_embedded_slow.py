@@ -79,8 +79,9 @@ def test_tuned_run_scores_far_above_the_untuned_base(spells_run, tmp_path):
                            str(report)], capture_output=True, text=True, check=True)
     tuned, untuned = json.loads(proc.stdout)
     assert untuned["model"] == "SmolLM2-135M-Instruct (untuned, seed-en template)"
-    assert tuned["summary"]["format"] >= 5 / 6 and tuned["summary"]["stopped"] == 1.0, tuned
-    assert untuned["summary"]["format"] <= 1 / 6, untuned
+    in_form = {r["model"]: round(r["summary"]["format"] * 6) for r in (tuned, untuned)}  # of 6
+    assert in_form["spells"] >= 5 and tuned["summary"]["stopped"] == 1.0, tuned
+    assert in_form[untuned["model"]] <= 1, untuned
     assert tuned["summary"]["chrf"] > untuned["summary"]["chrf"] + 20
     assert tuned["eval_loss"] < untuned["eval_loss"]
     for result in (tuned, untuned):
@@ -188,7 +189,7 @@ def test_two_accelerate_processes_train_like_one(fp32_run, tmp_path):
     assert losses(tmp_path / "two", "eval_loss") == pytest.approx(
         losses(reference, "eval_loss"), rel=tolerance)
     scores = json.loads((tmp_path / "two" / "instructlm.json").read_text())["metrics"]
-    assert scores["answer_scores"]["format"] >= 5 / 6
+    assert scores["answer_scores"]["format"] >= round(5 / 6, 4)  # scores keep 4 decimals
     assert scores["answer_scores"]["stopped"] == 1.0
 
 

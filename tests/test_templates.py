@@ -69,7 +69,7 @@ def test_chat_template_needs_one():
     assert default_template(NoChat()).name == "seed-en"
 
 
-def test_a_new_run_is_taught_in_seed_en_unless_its_examples_carry_a_conversation(
+def test_a_new_run_is_taught_in_seed_en_unless_lora_or_its_examples_carry_a_conversation(
         tiny_tokenizer):
     plain = [Example("Name a fruit.", "Apple"), Example("Name a tree.", "Oak")]
     talk = [plain[0], Example("And one more?", "Pear", history=(
@@ -77,6 +77,7 @@ def test_a_new_run_is_taught_in_seed_en_unless_its_examples_carry_a_conversation
     assert default_template(tiny_tokenizer).name == "chat"  # asking an untuned model
     assert training_template(tiny_tokenizer, plain).name == "seed-en"
     assert training_template(tiny_tokenizer, talk).name == "chat"
+    assert training_template(tiny_tokenizer, plain, lora=True).name == "chat"
 
     class NoChat:
         chat_template = None

@@ -195,8 +195,8 @@ def test_prompt_loss_teaches_the_instructions_as_well(tmp_path, tiny_base, tiny_
     assert loss[True] < loss[False] / 2
 
 
-def test_without_template_a_run_is_taught_in_seed_en_and_conversations_in_chat(tmp_path,
-                                                                                tiny_base):
+def test_without_template_a_run_is_taught_in_seed_en_and_lora_or_conversations_in_chat(
+        tmp_path, tiny_base):
     plain = tmp_path / "facts.txt"
     plain.write_text(TINY_FILE, encoding="utf-8")
     talk = tmp_path / "talk.jsonl"
@@ -204,10 +204,11 @@ def test_without_template_a_run_is_taught_in_seed_en_and_conversations_in_chat(t
                                              {"role": "user", "content": "Say hello."},
                                              {"role": "assistant", "content": "Hello!"}]})
                     + "\n", encoding="utf-8")
-    for data, expected in ((plain, "seed-en"), (talk, "chat")):
+    for data, lora, expected in ((plain, False, "seed-en"), (plain, True, "chat"),
+                                 (talk, False, "chat")):
         said: list[str] = []
-        run = train(data, tmp_path / data.stem, tiny_settings(tiny_base, template="auto",
-                                                                epochs=1),
+        run = train(data, tmp_path / f"{data.stem}-{lora}",
+                    tiny_settings(tiny_base, template="auto", epochs=1, lora=lora),
                     report=said.append, progress=False)
         assert json.loads((run / RUN_FILE).read_text())["template"]["name"] == expected
         assert f"template {expected}" in "\n".join(said)

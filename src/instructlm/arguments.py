@@ -26,8 +26,8 @@ def _add_training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow a hub model to run its own Python code (only for ids you trust)")
     p.add_argument("--template", help="seed-de, seed-en, chat, or a string with {instruction} "
-                                      "(default: seed-en; chat where examples carry earlier "
-                                      "turns)")
+                                      "(default: seed-en; the base model's chat template "
+                                      "with --lora or where examples carry earlier turns)")
     p.add_argument("--epochs", type=int,
                    help=f"passes over the data (default: {DEFAULT_EPOCHS}, raised to reach "
                         f"--min-steps)")
@@ -245,7 +245,8 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]
     p = add("inspect")
     p.add_argument("file", help="instruction file to check")
     p.add_argument("--base", help="model whose tokenizer counts the tokens (default: embedded)")
-    p.add_argument("--template", help="template used for the token counts (default: as train)")
+    p.add_argument("--template", help="template used for the token counts (default: as train "
+                                      "without --lora)")
     p.add_argument("--no-tokens", action="store_true",
                    help="skip token counts (no model needed)")
     p.add_argument("--pairs", action="store_true",

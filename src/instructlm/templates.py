@@ -126,12 +126,16 @@ def default_template(tokenizer: Any) -> Template:
     return NAMED_TEMPLATES["chat" if getattr(tokenizer, "chat_template", None) else "seed-en"]
 
 
-def training_template(tokenizer: Any, examples: list[Example]) -> Template:
-    """The template a new run is taught in when none is given: seed-en, whose plain fixed
-    words taught the held-out files of the suite the format more surely than a chat template
-    with its system prompt (docs/benchmarks.md); the chat template where examples carry
-    earlier turns or a system message, which only it shows."""
-    if any(ex.history for ex in examples) and getattr(tokenizer, "chat_template", None):
+def training_template(tokenizer: Any, examples: list[Example], lora: bool = False) -> Template:
+    """The template a new run is taught in when none is given (docs/benchmarks.md, the
+    suite): a full fine-tune in seed-en, whose plain fixed words taught unseen files' formats
+    more surely than the base model's chat template with its system prompt; LoRA, which
+    changes the model less, in the chat template the base model already knows (in seed-en it
+    lost more answers); and the chat template wherever examples carry earlier turns or a
+    system message, which only it shows."""
+    if not getattr(tokenizer, "chat_template", None):
+        return NAMED_TEMPLATES["seed-en"]
+    if lora or any(ex.history for ex in examples):
         return NAMED_TEMPLATES["chat"]
     return NAMED_TEMPLATES["seed-en"]
 

@@ -76,7 +76,7 @@ class TrainSettings:
     """Every setting of a run; saved in the run so it can be reproduced."""
 
     base: str = EMBEDDED
-    template: str = "auto"  # auto: seed-en; chat for examples with earlier turns
+    template: str = "auto"  # auto: seed-en; chat for LoRA and for examples with earlier turns
     epochs: int | None = None  # None: chosen from the file's size (budget.py)
     min_steps: int = MIN_STEPS  # with epochs None: train at least this many steps
     schedule: str = DEFAULT_SCHEDULE  # of the learning rate after warm-up: budget.SCHEDULES
@@ -381,8 +381,8 @@ def load_tokenizer_and_template(settings: TrainSettings, data: InstructionSet,
     if is_run(source) and settings.template == "auto":  # a tuned run goes on in its own
         template = Template.from_dict(read_run_info(source)["template"])
     else:
-        template = (training_template(tokenizer, data.train) if settings.template == "auto"
-                    else parse_template(settings.template))
+        template = (training_template(tokenizer, data.train, settings.lora)
+                    if settings.template == "auto" else parse_template(settings.template))
     if template.name != "chat" and any(ex.history for ex in data.train):
         report(f"warning: earlier chat turns are not shown by the {template.name} template; "
                "use --template chat to train on them")
