@@ -42,7 +42,8 @@ bench: install
 	$(BIN)/python benchmarks/bench.py $(FILE)
 
 # Do the defaults teach instruction files they were not chosen on? (~25 minutes on 2 cores
-# in fp32; not part of test.) FLAGS go to `instructlm train`, to compare: make generalize FLAGS="--lr 2e-5"
+# in fp32; not part of test.) FLAGS go to `instructlm train`, to compare:
+# make generalize FLAGS="--lr 2e-5"
 generalize: install
 	$(BIN)/python benchmarks/generalize.py $(if $(FLAGS),-- $(FLAGS))
 
