@@ -103,6 +103,18 @@ def test_inspect_counts_conversations_in_the_chat_template_as_train_does(tmp_pat
     assert json.loads(capsys.readouterr().out)["template"] == "chat"
 
 
+def test_inspect_counts_in_a_tuned_runs_own_template_as_train_goes_on_in_it(tmp_path, tiny_base,
+                                                                              capsys):
+    f = tmp_path / "d.txt"
+    f.write_text("a#b\nc#d\n", encoding="utf-8")
+    run = tmp_path / "run"
+    assert main(["train", str(f), "--base", str(tiny_base), "--output", str(run),
+                 "--template", "chat", "--epochs", "1", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(f), "--base", str(run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["template"] == "chat"  # not the new-run seed-en
+
+
 def test_inspect_text(tmp_path, capsys):
     f = tmp_path / "d.txt"
     f.write_text("a#b\n", encoding="utf-8")

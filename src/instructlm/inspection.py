@@ -26,11 +26,11 @@ def inspect_file(file: str | Path, base: str | None = None, template: str | None
     if not tokens:
         return report
     from .base import load_tokenizer, resolve_base
-    from .templates import parse_template, training_template
+    from .templates import template_to_teach
 
-    tokenizer = load_tokenizer(resolve_base(base))
-    chosen = parse_template(template) if template else training_template(tokenizer,
-                                                                       data.train)
+    source = resolve_base(base)
+    tokenizer = load_tokenizer(source)
+    chosen = template_to_teach(template or "auto", source, tokenizer, data.train)
     report["template"] = chosen.name
     report["token_stats"] = {}
     for split, examples in (("train", data.train), ("eval", data.eval)):

@@ -112,8 +112,12 @@ def around_instruction(template: Template, example: Example,
     return before, after
 
 
+def has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
 def _render_chat(example: Example, tokenizer: Any) -> str:
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+    if tokenizer is None or not has_chat_template(tokenizer):
         raise InstructlmError("the base model's tokenizer has no chat template",
                               hint="use --template seed-en, seed-de or a custom string")
     user = example.instruction + (f"\n\n{example.input}" if example.input else "")
@@ -123,7 +127,7 @@ def _render_chat(example: Example, tokenizer: Any) -> str:
 
 def default_template(tokenizer: Any) -> Template:
     """How to ask an untuned model: its own chat template when it has one, else seed-en."""
-    return NAMED_TEMPLATES["chat" if getattr(tokenizer, "chat_template", None) else "seed-en"]
+    return NAMED_TEMPLATES["chat" if has_chat_template(tokenizer) else "seed-en"]
 
 
 def training_template(tokenizer: Any, examples: list[Example], lora: bool = False) -> Template:
@@ -133,11 +137,24 @@ def training_template(tokenizer: Any, examples: list[Example], lora: bool = Fals
     changes the model less, in the chat template the base model already knows (in seed-en it
     lost more answers); and the chat template wherever examples carry earlier turns or a
     system message, which only it shows."""
-    if not getattr(tokenizer, "chat_template", None):
+    if not has_chat_template(tokenizer):
         return NAMED_TEMPLATES["seed-en"]
     if lora or any(ex.history for ex in examples):
         return NAMED_TEMPLATES["chat"]
     return NAMED_TEMPLATES["seed-en"]
+
+
+def template_to_teach(spec: str, source: str, tokenizer: Any, examples: list[Example],
+                      lora: bool = False) -> Template:
+    """The template `train` teaches in: `spec` when it is not "auto"; else a tuned run given
+    as the base goes on in its own template, and a new run gets `training_template`'s."""
+    if spec != "auto":
+        return parse_template(spec)
+    from .runs import is_run, read_run_info
+
+    if is_run(source):
+        return Template.from_dict(read_run_info(source)["template"])
+    return training_template(tokenizer, examples, lora)
 
 
 def choose_template(spec: str | None, tokenizer: Any) -> Template:

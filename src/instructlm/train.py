@@ -49,17 +49,15 @@ from .runs import (
     RUN_FILE,
     check_free_space,
     check_output,
-    is_run,
     model_card,
     output_lock,
-    read_run_info,
     staged_run,
     write_examples,
     write_json,
     write_losses,
 )
 from .scores import describe_summary
-from .templates import Template, parse_template, training_template
+from .templates import Template, template_to_teach
 
 FULL_LR = 1e-4  # 2e-4 won on the tuning half, lost on the check half: docs/benchmarks.md
 LORA_LR = 2e-3  # adapters start at zero and are few: they need larger steps
@@ -378,11 +376,8 @@ def load_tokenizer_and_template(settings: TrainSettings, data: InstructionSet,
     """The base model's source, its tokenizer, and the template the examples are shown in."""
     source = resolve_base(settings.base)
     tokenizer = load_tokenizer(source, settings.trust_remote_code)
-    if is_run(source) and settings.template == "auto":  # a tuned run goes on in its own
-        template = Template.from_dict(read_run_info(source)["template"])
-    else:
-        template = (training_template(tokenizer, data.train, settings.lora)
-                    if settings.template == "auto" else parse_template(settings.template))
+    template = template_to_teach(settings.template, source, tokenizer, data.train,
+                                 settings.lora)
     if template.name != "chat" and any(ex.history for ex in data.train):
         report(f"warning: earlier chat turns are not shown by the {template.name} template; "
                "use --template chat to train on them")
