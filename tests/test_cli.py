@@ -142,6 +142,7 @@ def test_bad_files_give_one_clear_error(tmp_path, content, words):
 @pytest.mark.parametrize("flag, value, words", [
     ("--epochs", "0", "--epochs must be at least 1"),
     ("--lr", "-1", "--lr must be above 0"),
+    ("--layer-decay", "0", "--layer-decay must be in (0, 1]"),
     ("--batch-size", "0", "--batch-size must be at least 1"),
     ("--prompt-loss", "--method=dpo", "--prompt-loss must be off for --method dpo and orpo"),
     ("--loss-average=example", "--method=orpo",

@@ -16,6 +16,7 @@ API_KEY_ENV = "INSTRUCTLM_API_KEY"  # a key in the environment, not in `ps` outp
 def _add_training(p: argparse.ArgumentParser) -> None:
     from .budget import DEFAULT_EPOCHS, SCHEDULES
     from .devices import PRECISIONS
+    from .layer_decay import LAYER_DECAY
     from .loss import AVERAGES
     from .train import FULL_LR, LORA_LR, TrainSettings
 
@@ -40,6 +41,9 @@ def _add_training(p: argparse.ArgumentParser) -> None:
                         "the last 20%%)")
     p.add_argument("--lr", type=float, help=f"peak learning rate (default {FULL_LR:g}, with "
                                             f"--lora {LORA_LR:g})")
+    p.add_argument("--layer-decay", type=float,
+                   help=f"each layer's learning rate as a multiple of the one above it, the "
+                        f"top layer's being --lr (default {LAYER_DECAY:g}: every layer alike)")
     p.add_argument("--batch-size", type=int, help=f"examples a step (default {d.batch_size})")
     p.add_argument("--max-length", type=int,
                    help=f"tokens per example, prompt + response (default {d.max_length})")

@@ -65,7 +65,8 @@ def fit(trainee: Trainee, settings: TrainSettings, report: Report, progress: boo
     step = TrainStep(t.model, settings.lr, settings.weight_decay, settings.warmup_ratio,
                      total, t.device, t.precision, settings.schedule,
                      accelerator=t.accelerator, fsdp=t.fsdp, objective=t.objective,
-                     loss_average=settings.loss_average)
+                     loss_average=settings.loss_average,
+                     layer_decay=settings.layer_decay)
     shard = Shard(t.accelerator)
     # of each in its batch's mean loss: its tokens, or one share per example
     weights = [e.weight if settings.loss_average == "token" else 1 for e in t.train_set]

@@ -13,6 +13,7 @@ from typing import Any
 
 from .budget import make_scheduler
 from .errors import InstructlmError
+from .layer_decay import parameter_groups
 from .loss import DEFAULT_AVERAGE, batch_loss
 
 
@@ -113,7 +114,7 @@ class TrainStep:
                  total_steps: int, device: str, precision: str, schedule: str = "linear",
                  speed: SpeedPaths = SpeedPaths(), accelerator: Any = None,
                  fsdp: Any = None, objective: Any = None,
-                 loss_average: str = DEFAULT_AVERAGE) -> None:
+                 loss_average: str = DEFAULT_AVERAGE, layer_decay: float = 1.0) -> None:
         import torch
 
         from .distributed import shard_model
@@ -138,10 +139,8 @@ class TrainStep:
         if self.world > 1 and not self.fsdp:  # wrapped in DDP (once the weights have their
             # dtype), whose backward averages the gradients of every process
             self.loss = accelerator.prepare_model(self.loss, device_placement=False)
-        trained = self.numbers.trained
-        # Weight decay on matrices only, as is customary: not on norms and biases.
-        groups = [{"params": [p for p in trained if p.ndim >= 2], "weight_decay": weight_decay},
-                  {"params": [p for p in trained if p.ndim < 2], "weight_decay": 0.0}]
+        groups = parameter_groups(self.names, self.numbers.trained, lr, weight_decay,
+                                  layer_decay)
         # The fused kernel updates all parameters in one pass; the for-loop default is slow
         # on a CPU (docs/benchmarks.md, speed and memory).
         self.optimizer = torch.optim.AdamW(groups, lr=lr, fused=True)
@@ -149,7 +148,7 @@ class TrainStep:
 
     @property
     def lr(self) -> float:
-        return float(self.scheduler.get_last_lr()[0])
+        return float(max(self.scheduler.get_last_lr()))  # the top layer's, with layer decay
 
     def __call__(self, batch: dict[str, Any], share: float = 1.0) -> float:
         """Train on `batch`; return the mean loss per response token of the global batch.

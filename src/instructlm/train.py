@@ -56,6 +56,7 @@ from .runs import (
     write_json,
     write_losses,
 )
+from .layer_decay import LAYER_DECAY
 from .scores import describe_summary
 from .templates import Template, template_to_teach
 
@@ -79,6 +80,7 @@ class TrainSettings:
     min_steps: int = MIN_STEPS  # with epochs None: train at least this many steps
     schedule: str = DEFAULT_SCHEDULE  # of the learning rate after warm-up: budget.SCHEDULES
     lr: float | None = None  # None: FULL_LR, or LORA_LR with lora (DPO: DPO_LR, DPO_LORA_LR)
+    layer_decay: float = LAYER_DECAY  # each layer's rate as a multiple of the one above
     batch_size: int = 8
     max_length: int = 512
     seed: int = 42
@@ -123,6 +125,7 @@ class TrainSettings:
             ("min_steps", self.min_steps >= 1, "at least 1"),
             ("schedule", self.schedule in SCHEDULES, " or ".join(SCHEDULES)),
             ("lr", self.lr is None or self.lr > 0, "above 0"),
+            ("layer_decay", 0 < self.layer_decay <= 1, "in (0, 1]"),
             ("batch_size", self.batch_size >= 1, "at least 1"),
             ("max_length", self.max_length >= 2, "at least 2"),
             ("warmup_ratio", 0 <= self.warmup_ratio < 1, "in [0, 1)"),
@@ -284,8 +287,10 @@ def _prepare(data: InstructionSet, output: Path, settings: TrainSettings, accele
     if not settings.preference:
         taught += ("; each example's loss weighs the same" if settings.loss_average == "example"
                    else "; the loss averaged over all answer tokens")
-    report(f"Budget: {budget.why}; learning rate {settings.lr:g}, {settings.schedule} "
-           f"schedule{taught}")
+    layers = (f" at the top layer, {settings.layer_decay:g}x a layer below"
+              if settings.layer_decay != 1 else "")
+    report(f"Budget: {budget.why}; learning rate {settings.lr:g}{layers}, "
+           f"{settings.schedule} schedule{taught}")
     if settings.preference:
         report(_describe_preference(settings, adapted is not None))
     return Prepared(trainee, settings, budget, source, tokenizer, template, adapted, lora)
