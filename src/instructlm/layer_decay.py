@@ -33,7 +33,7 @@ def rate_multipliers(names: list[str], decay: float) -> list[float]:
         elif _EMBEDDING.search(name):
             below_top = depth  # under the lowest block
         else:
-            below_top = 0  # the final norm, an output layer of its own
+            below_top = 0  # the final norm, and an output layer not tied to the embedding
         multipliers.append(decay ** below_top)
     return multipliers
 

@@ -34,6 +34,7 @@ from .errors import InstructlmError
 from .evaluate import EvalResult, EvalSet, Report, evaluate
 from .fit import Trainee, fit
 from .formats import Example, InstructionSet, read_instruction_file
+from .layer_decay import LAYER_DECAY
 from .loss import AVERAGES, DEFAULT_AVERAGE
 from .optimize import TrainStep
 from .preference import (
@@ -56,7 +57,6 @@ from .runs import (
     write_json,
     write_losses,
 )
-from .layer_decay import LAYER_DECAY
 from .scores import describe_summary
 from .templates import Template, template_to_teach
 
