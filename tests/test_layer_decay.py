@@ -23,6 +23,13 @@ def test_the_top_layer_learns_at_the_full_rate_each_lower_one_at_decay_times_the
             "transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.c_fc.weight",
             "transformer.ln_f.weight"]
     assert rate_multipliers(gpt2, 0.5) == pytest.approx([0.25, 0.25, 0.5, 1, 1])
+    neox = ["gpt_neox.embed_in.weight", "gpt_neox.layers.0.attention.dense.weight",
+            "gpt_neox.layers.1.mlp.dense_4h_to_h.weight", "gpt_neox.final_layer_norm.weight",
+            "embed_out.weight"]  # an output layer of its own: at the top, not the bottom
+    assert rate_multipliers(neox, 0.5) == pytest.approx([0.25, 0.5, 1, 1, 1])
+    bloom = ["transformer.word_embeddings.weight", "transformer.word_embeddings_layernorm.bias",
+             "transformer.h.0.self_attention.dense.weight", "transformer.ln_f.weight"]
+    assert rate_multipliers(bloom, 0.5) == pytest.approx([0.5, 0.5, 1, 1])
     lora = ["base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight",
             "base_model.model.model.layers.1.self_attn.q_proj.lora_A.default.weight"]
     assert rate_multipliers(lora, 0.5) == pytest.approx([0.5, 1])

@@ -15,10 +15,14 @@ from typing import Any
 
 LAYER_DECAY = 1.0  # every layer alike
 
-# The index of a transformer block in a parameter's name: Llama, Qwen, Mistral, Gemma
-# ("layers.3."), GPT-2 ("h.3."), GPT-NeoX and others ("blocks.3.").
+# The index of a transformer block in a parameter's name: Llama, Qwen, Mistral, Gemma, GPT-NeoX
+# ("layers.3."), GPT-2 and BLOOM ("h.3."), others ("blocks.3.").
 _BLOCK = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
-_EMBEDDING = re.compile(r"embed|wte|wpe")
+# The input embeddings by name: Llama and kin (embed_tokens), GPT-NeoX (embed_in; its
+# embed_out is the output layer, at the top), GPT-2 (wte, wpe), BLOOM (word_embeddings and
+# the norm right after it).
+_EMBEDDING = re.compile(r"(?:^|\.)(?:embed_tokens|embed_in|wte|wpe|word_embeddings"
+                        r"(?:_layernorm)?)\.")
 
 
 def rate_multipliers(names: list[str], decay: float) -> list[float]:

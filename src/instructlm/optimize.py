@@ -13,7 +13,7 @@ from typing import Any
 
 from .budget import make_scheduler
 from .errors import InstructlmError
-from .layer_decay import parameter_groups
+from .layer_decay import LAYER_DECAY, parameter_groups
 from .loss import DEFAULT_AVERAGE, batch_loss
 
 
@@ -114,7 +114,8 @@ class TrainStep:
                  total_steps: int, device: str, precision: str, schedule: str = "linear",
                  speed: SpeedPaths = SpeedPaths(), accelerator: Any = None,
                  fsdp: Any = None, objective: Any = None,
-                 loss_average: str = DEFAULT_AVERAGE, layer_decay: float = 1.0) -> None:
+                 loss_average: str = DEFAULT_AVERAGE,
+                 layer_decay: float = LAYER_DECAY) -> None:
         import torch
 
         from .distributed import shard_model
