@@ -8,7 +8,6 @@ import pytest
 
 from instructlm.budget import DEFAULT_EPOCHS, choose_budget, make_scheduler
 from instructlm.curve import learning_curve
-from instructlm.fit import _batches
 from instructlm.loss import DEFAULT_AVERAGE
 from instructlm.train import train
 
@@ -26,23 +25,6 @@ def test_small_files_get_more_epochs_large_ones_the_default(n, batch, epochs, st
     budget = choose_budget(n, batch, None, min_steps=32)
     assert (budget.epochs, budget.steps) == (epochs, steps)
     assert budget.epochs >= DEFAULT_EPOCHS and str(budget.epochs) in budget.why
-
-
-@pytest.mark.parametrize("n, batch", [(10, 8), (37, 8), (16, 8), (3, 8), (1, 1)])
-def test_every_epoch_takes_each_example_once_in_batches_of_near_equal_size(n, batch):
-    """10 examples are two batches of 5, not 8 and 2: a step's loss is a mean over its
-    batch, so the 2 of a short last batch would weigh about 4 times as much."""
-    steps = list(_batches(n, batch, 3, seed=0))
-    budget = choose_budget(n, batch, 3)
-    assert [s[0] for s in steps] == list(range(1, budget.steps + 1))
-    for epoch in (1, 2, 3):
-        batches = [s[2] for s in steps if s[1] == epoch]
-        assert sorted(i for b in batches for i in b) == list(range(n))
-        sizes = [len(b) for b in batches]
-        assert max(sizes) - min(sizes) <= 1 and max(sizes) <= batch
-        assert [s[3] for s in steps if s[1] == epoch] == [False] * (len(batches) - 1) + [True]
-    assert [s[2] for s in steps] == [s[2] for s in _batches(n, batch, 3, seed=0)]
-    assert n < 3 or [s[2] for s in steps] != [s[2] for s in _batches(n, batch, 3, seed=1)]
 
 
 def test_epochs_asked_for_are_kept():

@@ -141,26 +141,20 @@ def _batches(n: int, batch_size: int, epochs: int, seed: int
 
     Random batches: grouping them by length would make batches of one family (its examples
     have similar lengths), and the held-out answers got worse (docs/benchmarks.md). Each
-    batch is packed into one row without padding instead (batches.py). An epoch's batches
-    differ in size by one at most (10 examples in batches of 8 are 5 and 5, not 8 and 2):
-    a step's loss is a mean over its batch, so the two examples of a short last batch would
-    weigh about four times as much as the others, a different pair in every epoch. Every
-    epoch's order is drawn from one generator, so a resumed run that skips the steps it has
-    done replays the same batches.
+    batch is packed into one row without padding instead (batches.py). Every epoch's order
+    is drawn from one generator, so a resumed run that skips the steps it has done replays
+    the same batches.
     """
     import torch
 
     order = torch.Generator().manual_seed(seed)
-    count = -(-n // batch_size)  # batches an epoch, as the budget counts them
-    sizes = [n // count + (i < n % count) for i in range(count)]
     done = 0
     for epoch in range(1, epochs + 1):
         perm = torch.randperm(n, generator=order).tolist()
-        start = 0
-        for i, size in enumerate(sizes):
+        starts = range(0, n, batch_size)
+        for start in starts:
             done += 1
-            yield done, epoch, perm[start:start + size], i == count - 1
-            start += size
+            yield done, epoch, perm[start:start + batch_size], start == starts[-1]
 
 
 @contextmanager
