@@ -7,8 +7,10 @@ answer its held-out part, and score the answers.
 `make generalize` runs it with the defaults. Every file is trained by `instructlm train` as a
 user would run it (flags after `--` go to it, e.g. `-- --lr 2e-5 --no-end-token`), and
 scored with the answers `train` gives at its end (greedy, at most 200 new tokens) and
-instructlm's own scores. One table per half of the suite (benchmarks/suite/halves.json: rules
-are chosen on the tuning half only), then a last line of JSON with the totals.
+instructlm's own scores, plus how many answers are a taught response word for word (in the
+taught format, but nothing learned beyond it). One table per half of the suite
+(benchmarks/suite/halves.json: rules are chosen on the tuning half only), then a last line of
+JSON with the totals.
 """
 
 from __future__ import annotations
@@ -66,11 +68,13 @@ def run_file(name: str, seed: int, flags: list[str], tmp: Path, show: bool) -> d
     info = json.loads((output / "instructlm.json").read_text(encoding="utf-8"))
     metrics, settings = info["metrics"], info["settings"]
     answers = metrics["closing_answers"]
+    taught = taught_responses(output)
     if show:
         for a in answers:
-            if not (a["format"] and a["stopped"]):
+            if not (a["format"] and a["stopped"]) or a["answer"] in taught:
+                copied = " (a taught response)" if a["answer"] in taught else ""
                 print(f"  {name} seed {seed}: {a['instruction']!r}\n    expected {a['expected']!r}"
-                      f"\n    answer   {a['answer'][:160]!r}", file=sys.stderr)
+                      f"\n    answer   {a['answer'][:160]!r}{copied}", file=sys.stderr)
     print(f"{name} seed {seed}: {metrics['answer_scores']['format']:.2f} in format "
           f"({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
     return {"file": name, "seed": seed, "n_train": info["data"]["n_train"],
@@ -79,13 +83,21 @@ def run_file(name: str, seed: int, flags: list[str], tmp: Path, show: bool) -> d
             "n": len(answers), "format": sum(a["format"] for a in answers),
             "stopped": sum(a["stopped"] for a in answers),
             "exact": sum(a["exact"] for a in answers),
+            "copied": sum(a["answer"] in taught for a in answers),
             "chrf": sum(a["chrf"] for a in answers),
             "train_s": metrics["train_seconds"]}
 
 
+def taught_responses(run: Path) -> set[str]:
+    """The responses a run was trained on, from the examples it keeps (data.jsonl)."""
+    lines = (run / "data.jsonl").read_text(encoding="utf-8").splitlines()
+    return {e["response"] for e in map(json.loads, lines) if e["split"] == "train"}
+
+
 def total(rows: list[dict[str, Any]]) -> dict[str, Any]:
     n = sum(r["n"] for r in rows)
-    return {"answers": n, **{k: sum(r[k] for r in rows) for k in ("format", "stopped", "exact")},
+    return {"answers": n,
+            **{k: sum(r[k] for r in rows) for k in ("format", "stopped", "exact", "copied")},
             "format_share": round(sum(r["format"] for r in rows) / n, 4),
             "stopped_share": round(sum(r["stopped"] for r in rows) / n, 4),
             "chrf": round(sum(r["chrf"] for r in rows) / n, 2),
@@ -94,17 +106,18 @@ def total(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def table(half: str, rows: list[dict[str, Any]]) -> str:
     lines = [f"\n{half} half", "| file | seed | train lines | epochs | steps | format | stopped "
-             "| exact | chrF | train s |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| exact | copied | chrF | train s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     precisions = sorted({r["precision"] for r in rows})
     lines[0] += f" (trained in {', '.join(precisions)})"
     for r in rows:
         lines.append(f"| {r['file']} | {r['seed']} | {r['n_train']} | {r['epochs']} | "
                      f"{r['steps']} | {r['format']}/{r['n']} | {r['stopped']}/{r['n']} | "
-                     f"{r['exact']}/{r['n']} | {r['chrf'] / r['n']:.1f} | {r['train_s']:.0f} |")
+                     f"{r['exact']}/{r['n']} | {r['copied']}/{r['n']} | {r['chrf'] / r['n']:.1f} | "
+                     f"{r['train_s']:.0f} |")
     t = total(rows)
     lines.append(f"| **all** | | | | | **{t['format']}/{t['answers']}** | "
                  f"**{t['stopped']}/{t['answers']}** | {t['exact']}/{t['answers']} | "
-                 f"{t['chrf']:.1f} | {t['train_seconds']:.0f} |")
+                 f"{t['copied']}/{t['answers']} | {t['chrf']:.1f} | {t['train_seconds']:.0f} |")
     return "\n".join(lines)
 
 
