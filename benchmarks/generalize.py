@@ -7,8 +7,8 @@ answer its held-out part, and score the answers.
 `make generalize` runs it with the defaults. Every file is trained by `instructlm train` as a
 user would run it (flags after `--` go to it, e.g. `-- --lr 2e-5 --no-end-token`), and
 scored with the answers `train` gives at its end (greedy, at most 200 new tokens) and
-instructlm's own scores, plus how many answers are a taught response word for word (in the
-taught format, but nothing learned beyond it). One table per half of the suite
+instructlm's own scores, plus how many answers repeat a taught response word for word where
+that is not the expected answer (in the taught format, but nothing learned beyond it). One table per half of the suite
 (benchmarks/suite/halves.json: rules are chosen on the tuning half only), then a last line of
 JSON with the totals.
 """
@@ -69,12 +69,13 @@ def run_file(name: str, seed: int, flags: list[str], tmp: Path, show: bool) -> d
     metrics, settings = info["metrics"], info["settings"]
     answers = metrics["closing_answers"]
     taught = taught_responses(output)
+    copied = [a["answer"] in taught and not a["exact"] for a in answers]
     if show:
-        for a in answers:
-            if not (a["format"] and a["stopped"]) or a["answer"] in taught:
-                copied = " (a taught response)" if a["answer"] in taught else ""
+        for a, was_copied in zip(answers, copied):
+            if not (a["format"] and a["stopped"]) or was_copied:
+                note = " (a taught response)" if was_copied else ""
                 print(f"  {name} seed {seed}: {a['instruction']!r}\n    expected {a['expected']!r}"
-                      f"\n    answer   {a['answer'][:160]!r}{copied}", file=sys.stderr)
+                      f"\n    answer   {a['answer'][:160]!r}{note}", file=sys.stderr)
     print(f"{name} seed {seed}: {metrics['answer_scores']['format']:.2f} in format "
           f"({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
     return {"file": name, "seed": seed, "n_train": info["data"]["n_train"],
@@ -83,7 +84,7 @@ def run_file(name: str, seed: int, flags: list[str], tmp: Path, show: bool) -> d
             "n": len(answers), "format": sum(a["format"] for a in answers),
             "stopped": sum(a["stopped"] for a in answers),
             "exact": sum(a["exact"] for a in answers),
-            "copied": sum(a["answer"] in taught for a in answers),
+            "copied": sum(copied),
             "chrf": sum(a["chrf"] for a in answers),
             "train_s": metrics["train_seconds"]}
 
