@@ -8,9 +8,9 @@ answer its held-out part, and score the answers.
 user would run it (flags after `--` go to it, e.g. `-- --lr 2e-5 --no-end-token`), and
 scored with the answers `train` gives at its end (greedy, at most 200 new tokens) and
 instructlm's own scores, plus how many answers repeat a taught response word for word where
-that is not the expected answer (in the taught format, but nothing learned beyond it). One table per half of the suite
-(benchmarks/suite/halves.json: rules are chosen on the tuning half only), then a last line of
-JSON with the totals.
+that is not the expected answer (in the taught format, but nothing learned beyond it). One
+table per half of the suite (benchmarks/suite/halves.json: rules are chosen on the tuning
+half only), then a last line of JSON with the totals.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from instructlm.runs import read_run_examples
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITE = ROOT / "benchmarks" / "suite"
@@ -68,7 +70,7 @@ def run_file(name: str, seed: int, flags: list[str], tmp: Path, show: bool) -> d
     info = json.loads((output / "instructlm.json").read_text(encoding="utf-8"))
     metrics, settings = info["metrics"], info["settings"]
     answers = metrics["closing_answers"]
-    taught = taught_responses(output)
+    taught = {e.response for e in read_run_examples(output)[0]}
     copied = [a["answer"] in taught and not a["exact"] for a in answers]
     if show:
         for a, was_copied in zip(answers, copied):
@@ -87,12 +89,6 @@ def run_file(name: str, seed: int, flags: list[str], tmp: Path, show: bool) -> d
             "copied": sum(copied),
             "chrf": sum(a["chrf"] for a in answers),
             "train_s": metrics["train_seconds"]}
-
-
-def taught_responses(run: Path) -> set[str]:
-    """The responses a run was trained on, from the examples it keeps (data.jsonl)."""
-    lines = (run / "data.jsonl").read_text(encoding="utf-8").splitlines()
-    return {e["response"] for e in map(json.loads, lines) if e["split"] == "train"}
 
 
 def total(rows: list[dict[str, Any]]) -> dict[str, Any]:
