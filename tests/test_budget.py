@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 
-from instructlm.budget import (DEFAULT_BATCH, DEFAULT_EPOCHS, MIN_BATCHES, choose_budget,
-                               make_scheduler)
+from instructlm.budget import DEFAULT_EPOCHS, choose_budget, make_scheduler
 from instructlm.curve import learning_curve
 from instructlm.loss import DEFAULT_AVERAGE
 from instructlm.train import train
@@ -27,23 +25,6 @@ def test_small_files_get_more_epochs_large_ones_the_default(n, batch, epochs, st
     budget = choose_budget(n, batch, None, min_steps=32)
     assert (budget.epochs, budget.steps) == (epochs, steps)
     assert budget.epochs >= DEFAULT_EPOCHS and str(budget.epochs) in budget.why
-
-
-@pytest.mark.parametrize("n, batch, epochs, steps", [
-    (10, 3, 8, 32),     # batches of 3: 4 steps an epoch, not 15 epochs of 2
-    (12, 3, 8, 32),
-    (24, 6, 8, 32),
-    (31, 8, 8, 32),     # 8 is a quarter of 31 and more: 4 steps an epoch already
-    (100, 8, 4, 52),
-    (2, 1, 16, 32),     # a batch is one example at least
-])
-def test_small_files_get_smaller_batches_unless_one_is_asked_for(n, batch, epochs, steps):
-    budget = choose_budget(n, None, None, min_steps=32)
-    assert (budget.batch_size, budget.epochs, budget.steps) == (batch, epochs, steps)
-    assert batch in (DEFAULT_BATCH, 1) or math.ceil(n / batch) >= MIN_BATCHES
-    assert (f"batches of {batch}" in budget.why) == (batch != DEFAULT_BATCH)
-    asked = choose_budget(n, 8, None, min_steps=32)
-    assert asked.batch_size == 8 and "batches of" not in asked.why
 
 
 def test_epochs_asked_for_are_kept():
@@ -87,20 +68,6 @@ def test_train_says_and_saves_what_it_chose(tmp_path, tiny_base):
     assert any(line.startswith("Budget: 5 epochs") and "constant schedule" in line
                for line in said)
     assert info["settings"]["loss_average"] == DEFAULT_AVERAGE
-
-
-def test_train_chooses_a_small_file_s_batch_and_saves_it(tmp_path, tiny_base):
-    """8 examples in batches of 2 (4 steps an epoch): the run says so and keeps the size."""
-    (tmp_path / "facts.txt").write_text(EIGHT_FACTS, encoding="utf-8")
-    said: list[str] = []
-    run = train(tmp_path / "facts.txt", tmp_path / "run",
-                tiny_settings(tiny_base, epochs=None, min_steps=8, batch_size=None),
-                report=said.append, progress=False)
-    info = json.loads((run / "instructlm.json").read_text())
-    assert info["settings"]["batch_size"] == 2 and info["budget"]["batch_size"] == 2
-    assert info["budget"]["epochs"] == 4 and info["metrics"]["steps"] == 16
-    assert any(line.startswith("Budget: batches of 2 for a small file, 4 epochs")
-               for line in said), said
 
 
 def test_the_token_average_is_an_option_the_run_keeps(tmp_path, tiny_base):

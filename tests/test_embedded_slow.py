@@ -207,8 +207,7 @@ def test_defaults_teach_a_file_they_were_not_chosen_on(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "instructlm", "train", str(suite_file),
                            "--output", str(run), "--precision", "fp32", "--quiet"],
                           capture_output=True, text=True, check=True)
-    assert ("Budget: batches of 3 for a small file, 8 epochs: 12 examples are 4 steps an "
-            "epoch") in proc.stdout
+    assert "Budget: 15 epochs: 12 examples are 2 steps an epoch" in proc.stdout
     answers = json.loads((run / "instructlm.json").read_text())["metrics"]["closing_answers"]
     assert len(answers) == 6 and all(a["stopped"] for a in answers), answers
     assert sum(a["format"] for a in answers) >= 5, answers

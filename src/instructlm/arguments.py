@@ -14,7 +14,7 @@ API_KEY_ENV = "INSTRUCTLM_API_KEY"  # a key in the environment, not in `ps` outp
 
 
 def _add_training(p: argparse.ArgumentParser) -> None:
-    from .budget import DEFAULT_BATCH, DEFAULT_EPOCHS, MIN_BATCHES, SCHEDULES
+    from .budget import DEFAULT_EPOCHS, SCHEDULES
     from .devices import PRECISIONS
     from .layer_decay import LAYER_DECAY
     from .loss import AVERAGES
@@ -44,10 +44,7 @@ def _add_training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer-decay", type=float,
                    help=f"each layer's learning rate as a multiple of the one above it, the "
                         f"top layer's being --lr (default {LAYER_DECAY:g}: every layer alike)")
-    p.add_argument("--batch-size", type=int,
-                   help=f"examples a step (default {DEFAULT_BATCH}, or fewer for a file under "
-                        f"{DEFAULT_BATCH * MIN_BATCHES} examples: at least {MIN_BATCHES} steps "
-                        f"an epoch)")
+    p.add_argument("--batch-size", type=int, help=f"examples a step (default {d.batch_size})")
     p.add_argument("--max-length", type=int,
                    help=f"tokens per example, prompt + response (default {d.max_length})")
     p.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")

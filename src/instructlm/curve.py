@@ -112,8 +112,7 @@ def learning_curve(file: str | Path, sizes: str | None = None,
             budget = choose_budget(len(subset), settings.batch_size, settings.epochs,
                                    settings.min_steps)
             fit(Trainee(model, subset, [], tokenizer.pad_token_id, device, precision),
-                replace(settings, epochs=budget.epochs, batch_size=budget.batch_size),
-                report, progress)
+                replace(settings, epochs=budget.epochs), report, progress)
         seconds = time.perf_counter() - started
         label = f"{n} examples" if n else "untuned (0)"
         result = evaluate(Answerer(model, tokenizer, template, label), eval_set, decode)

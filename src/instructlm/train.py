@@ -19,8 +19,7 @@ from . import __version__, checkpoints
 from .adapters import LoraSettings, adapter_summary, add_lora, load_weights
 from .answerer import Answerer
 from .base import EMBEDDED, EMBEDDED_NAME, load_tokenizer, resolve_base
-from .budget import (DEFAULT_BATCH, DEFAULT_SCHEDULE, MIN_STEPS, SCHEDULES, Budget,
-                     choose_budget)
+from .budget import DEFAULT_SCHEDULE, MIN_STEPS, SCHEDULES, Budget, choose_budget
 from .devices import PRECISIONS, pick_device, resolve_precision
 from .distributed import (
     broadcast_object_list,
@@ -82,7 +81,7 @@ class TrainSettings:
     schedule: str = DEFAULT_SCHEDULE  # of the learning rate after warm-up: budget.SCHEDULES
     lr: float | None = None  # None: FULL_LR, or LORA_LR with lora (DPO: DPO_LR, DPO_LORA_LR)
     layer_decay: float = LAYER_DECAY  # each layer's rate as a multiple of the one above
-    batch_size: int | None = None  # None: chosen from the file's size (budget.py)
+    batch_size: int = 8
     max_length: int = 512
     seed: int = 42
     weight_decay: float = 0.01
@@ -127,7 +126,7 @@ class TrainSettings:
             ("schedule", self.schedule in SCHEDULES, " or ".join(SCHEDULES)),
             ("lr", self.lr is None or self.lr > 0, "above 0"),
             ("layer_decay", 0 < self.layer_decay <= 1, "in (0, 1]"),
-            ("batch_size", self.batch_size is None or self.batch_size >= 1, "at least 1"),
+            ("batch_size", self.batch_size >= 1, "at least 1"),
             ("max_length", self.max_length >= 2, "at least 2"),
             ("warmup_ratio", 0 <= self.warmup_ratio < 1, "in [0, 1)"),
             ("weight_decay", self.weight_decay >= 0, "0 or more"),
@@ -257,8 +256,7 @@ def _prepare(data: InstructionSet, output: Path, settings: TrainSettings, accele
         raise InstructlmError(f"{data.path}: no training example fits --max-length "
                               f"{settings.max_length}", hint="raise --max-length")
     budget = _budget(settings, len(train_set))
-    # saved so: a resumed run keeps them
-    settings = replace(settings, epochs=budget.epochs, batch_size=budget.batch_size)
+    settings = replace(settings, epochs=budget.epochs)  # saved so: a resumed run keeps it
     device = _device_name(accelerator.device) if accelerator else pick_device(settings.device)
     precision = _precision(settings.precision, device, accelerator, fsdp)
     model = load_for_training(source, settings, device, precision)
@@ -300,17 +298,14 @@ def _prepare(data: InstructionSet, output: Path, settings: TrainSettings, accele
 
 def _budget(settings: TrainSettings, n_train: int) -> Budget:
     """How long to train on `n_train` examples (or pairs)."""
-    if not settings.preference:
-        return choose_budget(n_train, settings.batch_size, settings.epochs, settings.min_steps)
-    # Pairs keep batches of 8 unless asked: the rules for them were measured so.
-    batch = settings.batch_size or DEFAULT_BATCH
     if settings.method == "dpo" and settings.epochs is None:
         # DPO nudges a run that answers in form already: the minimum of steps that
         # teaching needs over-fitted the pairs (docs/benchmarks.md)
-        steps = math.ceil(n_train / batch) * DPO_EPOCHS
-        return Budget(DPO_EPOCHS, steps, batch, f"{DPO_EPOCHS} epochs, {steps} steps, as DPO "
-                                                "takes by default")
-    return choose_budget(n_train, batch, settings.epochs, settings.min_steps, "pairs")
+        steps = math.ceil(n_train / settings.batch_size) * DPO_EPOCHS
+        return Budget(DPO_EPOCHS, steps, f"{DPO_EPOCHS} epochs, {steps} steps, as DPO takes "
+                                         "by default")
+    return choose_budget(n_train, settings.batch_size, settings.epochs, settings.min_steps,
+                         "pairs" if settings.preference else "examples")
 
 
 def _describe_preference(settings: TrainSettings, lora: bool) -> str:
@@ -488,8 +483,7 @@ def _run_info(output: Path, run: Prepared, data: InstructionSet, losses: list[di
                  "source": run.source},
         "template": run.template.to_dict(),
         "settings": {**asdict(settings), "precision_used": run.trainee.precision},
-        "budget": {"epochs": budget.epochs, "steps": budget.steps,
-                   "batch_size": budget.batch_size, "why": budget.why},
+        "budget": {"epochs": budget.epochs, "steps": budget.steps, "why": budget.why},
         "data": {"file": data.path, "format": data.format, "sha256": data.sha256,
                  "n_train": len(train_set), "n_eval": len(eval_set),
                  "n_dropped": len(data.train) + len(data.eval) - len(train_set) - len(eval_set)},
