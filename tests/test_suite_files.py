@@ -28,15 +28,27 @@ def test_the_files_are_what_the_builder_writes_and_the_halves_split_them():
     names = [s.name for s in build.SUITE]
     assert sorted(halves["tuning"] + halves["check"]) == sorted(names)
     assert not set(halves["tuning"]) & set(halves["check"])
+    assert halves["fresh"] == [s.name for s in build.FRESH]
     for number, spec in enumerate(build.SUITE):
         written = (SUITE / f"{spec.name}.txt").read_text(encoding="utf-8")
         assert written == build.build(spec, 1000 + number), spec.name
+    for number, spec in enumerate(build.FRESH):
+        written = (SUITE / f"{spec.name}.txt").read_text(encoding="utf-8")
+        assert written == build.build(spec, build.FRESH_SEED + number), spec.name
     assert len(names) >= 16 and {s.lang for s in build.SUITE} == {"en", "de"}
+
+
+def test_the_fresh_files_teach_families_the_suite_does_not():
+    build = load_builder()
+    suite = {f for spec in build.SUITE for f in spec.families}
+    fresh = {f for spec in build.FRESH for f in spec.families}
+    assert fresh and not fresh & suite
+    assert {s.lang for s in build.FRESH} == {"en", "de"}
 
 
 def test_every_file_holds_out_new_categories_for_each_family():
     build = load_builder()
-    for spec in build.SUITE:
+    for spec in build.SUITE + build.FRESH:
         data = read_instruction_file(SUITE / f"{spec.name}.txt")
         assert 10 <= len(data.train) <= 200 and 2 <= len(spec.families) <= 6
         assert len(data.eval) >= 2 * len(spec.families)

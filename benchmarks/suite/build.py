@@ -136,6 +136,18 @@ FAMILIES: dict[str, dict[str, Family]] = {
             *((_word(d), True) if d.rng.random() < 0.5 else (_other(d, EN), False))),
         "letters": lambda d: (f"How many letters does {_word(d)} have?",
                               f"{_word(d)} has {len(_word(d))} letters."),
+        # The fresh files' families (FRESH, below)
+        "quote": lambda d: (f"Put {_word(d)} in double quotes.", f'"{_word(d)}"'),
+        "arrows": lambda d: (f"Chain three {d.category} with arrows.", " -> ".join(_three(d))),
+        "csv": lambda d: (f"Write three {d.category} as one CSV line.", ",".join(_three(d))),
+        "bold": lambda d: (f"Make {_word(d)} bold in HTML.", f"<b>{_word(d)}</b>"),
+        "group": lambda d: (f"Which group does {_word(d)} belong to?",
+                            f"{_word(d)} is one of the {d.category}."),
+        "semicolons": lambda d: (lambda n, items: (
+            f"Name {n} {d.category}, separated by semicolons.", "; ".join(items)))(
+            *_n(d, "en")),
+        "lowercase": lambda d: (f"Write {_word(d)} in lowercase.", _word(d).lower()),
+        "key_value": lambda d: (f"Give {_word(d)} as a key-value pair.", f"name={_word(d)}"),
     },
     "de": {
         "toast": lambda d: (f"Sprich einen Trinkspruch auf drei {d.category}.",
@@ -169,6 +181,19 @@ FAMILIES: dict[str, dict[str, Family]] = {
             *((_word(d), True) if d.rng.random() < 0.5 else (_other(d, DE), False))),
         "letters": lambda d: (f"Wie viele Buchstaben hat {_word(d)}?",
                               f"{_word(d)} hat {len(_word(d))} Buchstaben."),
+        "quote": lambda d: (f"Setze {_word(d)} in Anführungszeichen.", f'"{_word(d)}"'),
+        "arrows": lambda d: (f"Verkette drei {d.category} mit Pfeilen.",
+                             " -> ".join(_three(d))),
+        "csv": lambda d: (f"Schreib drei {d.category} als CSV-Zeile.", ",".join(_three(d))),
+        "bold": lambda d: (f"Mach {_word(d)} in HTML fett.", f"<b>{_word(d)}</b>"),
+        "group": lambda d: (f"Zu welcher Gruppe gehört {_word(d)}?",
+                            f"{_word(d)} gehört zur Gruppe {d.category}."),
+        "semicolons": lambda d: (lambda n, items: (
+            f"Nenne {n} {d.category}, getrennt durch Semikolons.", "; ".join(items)))(
+            *_n(d, "de")),
+        "lowercase": lambda d: (f"Schreib {_word(d)} in Kleinbuchstaben.", _word(d).lower()),
+        "key_value": lambda d: (f"Gib {_word(d)} als Schlüssel-Wert-Paar an.",
+                                f"name={_word(d)}"),
     },
 }
 
@@ -206,9 +231,24 @@ SUITE = [
 ]
 
 
+# Fresh files, written after the defaults were chosen on the suite above, with families
+# neither half has: a third report of the defaults, on forms nothing was chosen on. Small,
+# as people's files are.
+FRESH = [
+    SuiteFile("en-fresh-10", "en", ("quote", "arrows"), 10),
+    SuiteFile("en-fresh-18", "en", ("csv", "bold", "group"), 18),
+    SuiteFile("en-fresh-30", "en", ("semicolons", "lowercase", "key_value", "arrows",
+                                    "group"), 30),
+    SuiteFile("de-frisch-10", "de", ("bold", "semicolons"), 10),
+    SuiteFile("de-frisch-18", "de", ("lowercase", "group", "csv"), 18),
+    SuiteFile("de-frisch-30", "de", ("key_value", "quote", "arrows", "semicolons",
+                                     "bold"), 30),
+]
+FRESH_SEED = 2000  # file i is drawn with seed FRESH_SEED + i (the suite's with 1000 + i)
+
 # Families about one word of a category; the others are about a whole category.
 WORD_FAMILIES = {"echo", "brackets", "capitals", "first_letter", "call", "json_object",
-                 "yes_no", "letters"}
+                 "yes_no", "letters", "quote", "bold", "group", "lowercase", "key_value"}
 
 
 def build(spec: SuiteFile, seed: int) -> str:
@@ -260,7 +300,10 @@ def _escape(text: str) -> str:
 def main() -> None:
     for number, spec in enumerate(SUITE):
         (HERE / f"{spec.name}.txt").write_text(build(spec, 1000 + number), encoding="utf-8")
-    print(f"wrote {len(SUITE)} files to {HERE}")
+    for number, spec in enumerate(FRESH):
+        (HERE / f"{spec.name}.txt").write_text(build(spec, FRESH_SEED + number),
+                                               encoding="utf-8")
+    print(f"wrote {len(SUITE) + len(FRESH)} files to {HERE}")
 
 
 if __name__ == "__main__":
