@@ -106,7 +106,8 @@ def total(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def table(half: str, rows: list[dict[str, Any]]) -> str:
-    lines = [f"\n{half} files" if half == "fresh" else f"\n{half} half", "| file | seed | train lines | epochs | steps | format | stopped "
+    title = f"{half} files" if half == "fresh" else f"{half} half"
+    lines = [f"\n{title}", "| file | seed | train lines | epochs | steps | format | stopped "
              "| exact | copied | chrF | train s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     precisions = sorted({r["precision"] for r in rows})
     lines[0] += f" (trained in {', '.join(precisions)})"
