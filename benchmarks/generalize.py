@@ -7,11 +7,11 @@ answer its held-out part, and score the answers.
 `make generalize` runs it with the defaults. Every file is trained by `instructlm train` as a
 user would run it (flags after `--` go to it, e.g. `-- --lr 2e-5 --no-end-token`), and
 scored with the answers `train` gives at its end (greedy, at most 200 new tokens) and
-instructlm's own scores, plus how many answers repeat a taught response word for word where
-that is not the expected answer (in the taught format, but nothing learned beyond it). One
-table per part of the suite (benchmarks/suite/halves.json: rules are chosen on the tuning
-half only; the check half and the fresh files report them), then a last line of JSON with
-the totals.
+instructlm's own scores, among them how many answers repeat a taught response word for word
+where that is not the expected answer (in the taught format, but nothing learned beyond
+it). One table per part of the suite (benchmarks/suite/halves.json: rules are chosen on the
+tuning half only; the check half and the fresh files report them), then a last line of
+JSON with the totals.
 """
 
 from __future__ import annotations
@@ -24,8 +24,6 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
-
-from instructlm.runs import read_run_examples
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITE = ROOT / "benchmarks" / "suite"
@@ -74,12 +72,10 @@ def run_file(name: str, seed: int, flags: list[str], tmp: Path, show: bool) -> d
     info = json.loads((output / "instructlm.json").read_text(encoding="utf-8"))
     metrics, settings = info["metrics"], info["settings"]
     answers = metrics["closing_answers"]
-    taught = {e.response for e in read_run_examples(output)[0]}
-    copied = [a["answer"] in taught and not a["exact"] for a in answers]
     if show:
-        for a, was_copied in zip(answers, copied):
-            if not (a["format"] and a["stopped"]) or was_copied:
-                note = " (a taught response)" if was_copied else ""
+        for a in answers:
+            if not (a["format"] and a["stopped"]) or a["copied"]:
+                note = " (a taught response)" if a["copied"] else ""
                 print(f"  {name} seed {seed}: {a['instruction']!r}\n    expected {a['expected']!r}"
                       f"\n    answer   {a['answer'][:160]!r}{note}", file=sys.stderr)
     print(f"{name} seed {seed}: {metrics['answer_scores']['format']:.2f} in format "
@@ -90,7 +86,7 @@ def run_file(name: str, seed: int, flags: list[str], tmp: Path, show: bool) -> d
             "n": len(answers), "format": sum(a["format"] for a in answers),
             "stopped": sum(a["stopped"] for a in answers),
             "exact": sum(a["exact"] for a in answers),
-            "copied": sum(copied),
+            "copied": sum(a["copied"] for a in answers),
             "chrf": sum(a["chrf"] for a in answers),
             "train_s": metrics["train_seconds"]}
 

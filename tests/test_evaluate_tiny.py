@@ -91,6 +91,24 @@ def test_eval_table_and_html_report_hold_every_example(facts_run, tmp_path, caps
         assert text in page.cells, text
 
 
+def test_eval_tells_a_taught_answer_given_again(facts_run, tiny_base, write, capsys):
+    # The run learned its facts by heart: asked for three fruits, it names the taught ones.
+    path = write("other.txt", "Name three fruits.#Pear, plum, fig\nTell me a spell.#Hocus Pocus!\n")
+    assert main(["eval", str(facts_run), str(path), "--json", "--no-loss"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [r["answer"] for r in result["examples"]] == ["Apple, banana, cherry", "Hocus Pocus!"]
+    assert [r["copied"] for r in result["examples"]] == [True, False]  # the second is right
+    assert result["summary"]["copied"] == 0.5
+    assert main(["eval", str(facts_run), str(path), "--no-loss"]) == 0
+    out = capsys.readouterr().out
+    assert "copied" in out.splitlines()[0] and "copied 1/2" in out
+    # A base model was taught nothing, so nothing it says is copied.
+    assert main(["eval", str(tiny_base), str(path), "--json", "--no-loss"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["summary"]["copied"] is None
+    assert {r["copied"] for r in result["examples"]} == {None}
+
+
 def test_eval_on_a_file_of_eval_examples_with_checks(facts_run, write, capsys):
     path = write("checks.jsonl", "\n".join([
         '{"prompt": "Tell me a spell.", "completion": "Hocus Pocus!", "split": "eval", '

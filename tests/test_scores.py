@@ -10,7 +10,7 @@ import pytest
 from instructlm.errors import InstructionFileError
 from instructlm.formats import Check, Example, read_instruction_file
 from instructlm.scores import (FormatJudge, Slot, describe_summary, passes_check, score_answer,
-                               skeleton, summarize)
+                               skeleton, summarize, taught_answers)
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -186,6 +186,27 @@ def test_score_and_summary():
     assert summary["n_checked"] == 2 and summary["check"] == 0.5
     assert describe_summary(summary).startswith("format 2/3, exact 1/3, stopped 2/3, chrF")
     assert "checks 1/2" in describe_summary(summary)
+
+
+def test_a_taught_answer_for_a_new_instruction_is_copied():
+    judge = FormatJudge()
+    taught = taught_answers([Example("Name two fruits.", "Apple, pear"),
+                             Example("Is a lemon sweet?", "No.")])
+    asked = Example("Name two trees.", "Oak, elm")
+    copied = score_answer(judge, asked, "Apple, pear ", "stop", taught)
+    assert copied.format and copied.copied  # in form, but a taught answer word for word
+    new = score_answer(judge, asked, "Ash, fir", "stop", taught)
+    assert new.format and not new.copied
+    # The expected answer may be a taught one too ("No." twice): right, not copied.
+    right = score_answer(judge, Example("Is salt sweet?", "No."), "No.", "stop", taught)
+    assert right.exact and right.copied is False
+    untaught = score_answer(judge, asked, "Apple, pear", "stop")  # a base model
+    assert untaught.copied is None
+    summary = summarize([copied, new, right])
+    assert summary["copied"] == pytest.approx(1 / 3, abs=1e-3)
+    assert "copied 1/3" in describe_summary(summary)
+    assert summarize([untaught])["copied"] is None
+    assert "copied" not in describe_summary(summarize([new, right]))  # said when it happens
 
 
 KANGEN = ("Kangen water is alkaline ionized water produced through a process called "

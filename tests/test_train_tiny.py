@@ -11,7 +11,7 @@ from conftest import TINY_FILE, tiny_settings
 from instructlm.answerer import DecodeSettings, load_answerer
 from instructlm.errors import InstructlmError
 from instructlm.runs import RUN_FILE
-from instructlm.train import train
+from instructlm.train import format_answers, train
 
 RUN_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
              "tokenizer_config.json", "chat_template.jinja", RUN_FILE, "losses.jsonl",
@@ -213,3 +213,14 @@ def test_without_template_a_run_is_taught_in_seed_en_and_lora_or_conversations_i
         assert json.loads((run / RUN_FILE).read_text())["template"]["name"] == expected
         assert f"template {expected}" in "\n".join(said)
         assert not any("earlier chat turns" in line for line in said)
+
+
+def test_closing_answers_mark_what_went_wrong():
+    row = dict(instruction="Name two trees.", expected="Oak, elm", stopped=True)
+    lines = format_answers([{**row, "answer": "Apple, pear", "format": True, "copied": True},
+                            {**row, "answer": "Ash, fir", "format": True, "copied": False},
+                            {**row, "answer": "Trees", "format": False, "copied": None}])
+    answers = [line for line in lines.splitlines() if "answer:" in line]
+    assert answers[0].endswith("Apple, pear  [a taught answer]")
+    assert answers[1].endswith("Ash, fir")
+    assert answers[2].endswith("Trees  [other format]")

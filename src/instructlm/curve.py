@@ -115,7 +115,8 @@ def learning_curve(file: str | Path, sizes: str | None = None,
                 replace(settings, epochs=budget.epochs), report, progress)
         seconds = time.perf_counter() - started
         label = f"{n} examples" if n else "untuned (0)"
-        result = evaluate(Answerer(model, tokenizer, template, label), eval_set, decode)
+        result = evaluate(Answerer(model, tokenizer, template, label),
+                          replace(eval_set, taught=ordered[:n] if n else None), decode)
         result.extra = {"n_train": n, "train_seconds": round(seconds, 1),
                         "epochs": budget.epochs if n else 0}
         report(f"{label}: {describe_summary(result.summary)} ({seconds:.0f} s training)")

@@ -16,7 +16,7 @@ from .errors import InstructlmError
 from .formats import Example, read_instruction_file
 from .loss import mean_loss
 from .runs import is_run, read_run_examples, read_run_info
-from .scores import FormatJudge, score_answer, summarize
+from .scores import FormatJudge, score_answer, summarize, taught_answers
 from .templates import Template
 
 Report = Callable[[str], None]  # where progress and warnings are said
@@ -24,12 +24,14 @@ Report = Callable[[str], None]  # where progress and warnings are said
 
 @dataclass
 class EvalSet:
-    """What to ask, and every example the data knows (the format rule learns from them)."""
+    """What to ask, every example the data knows (the format rule learns from them), and
+    what the model was taught (to tell a copied answer; None for a base model)."""
 
     source: str
     examples: list[Example]
     references: list[Example]
     note: str = ""  # said to the user: e.g. that training examples are being scored
+    taught: list[Example] | None = None
 
 
 @dataclass
@@ -57,26 +59,32 @@ def eval_set_for(model: str | None, file: str | None) -> EvalSet:
     """
     taught: list[Example] = []
     pairs = False  # a preference run is asked on pairs: their chosen answers are expected
-    if model and is_run(model):
+    run = bool(model and is_run(model))
+    if run:
         pairs = read_run_info(model)["settings"].get("method", "sft") != "sft"
         taught, held_out = read_run_examples(model)
         if file is None:
             if held_out:
-                return EvalSet(f"{model} (its eval part)", held_out, taught + held_out)
+                return EvalSet(f"{model} (its eval part)", held_out, taught + held_out,
+                               taught=taught)
             return EvalSet(f"{model} (its training examples)", taught, taught,
                            note=f"{model} has no held-out examples, so its training examples "
                                 "are scored: this shows memorisation, not generalisation. "
-                                "Pass an instruction file to evaluate on new ones.")
+                                "Pass an instruction file to evaluate on new ones.",
+                           taught=taught)
     if file is None:
         raise InstructlmError(f"{model or 'the embedded model'} is not a trained run, so it "
                               "has no examples to evaluate on",
                               hint="give a run folder made by `instructlm train`, or an "
                                    "instruction file to evaluate a base model on")
     data = read_instruction_file(file, need_train=False, preferences=pairs)
+    known = taught if run else None
     if data.eval:
-        return EvalSet(f"{file} (its eval part)", data.eval, taught + data.train + data.eval)
+        return EvalSet(f"{file} (its eval part)", data.eval, taught + data.train + data.eval,
+                       taught=known)
     return EvalSet(str(file), data.train, taught + data.train,
-                   note=f"{file} has no '# _EVAL_' part: all its examples are scored")
+                   note=f"{file} has no '# _EVAL_' part: all its examples are scored",
+                   taught=known)
 
 
 def evaluate(answerer: Answerer, eval_set: EvalSet, decode: DecodeSettings = DecodeSettings(),
@@ -85,10 +93,11 @@ def evaluate(answerer: Answerer, eval_set: EvalSet, decode: DecodeSettings = Dec
     """Answer every example of `eval_set`, score the answers, and measure the eval loss."""
     started = time.perf_counter()
     judge = FormatJudge(eval_set.references)
+    taught = None if eval_set.taught is None else taught_answers(eval_set.taught)
     rows, scores = [], []
     for ex, answer in zip(eval_set.examples,
                           answerer.answer(eval_set.examples, decode, batch_size)):
-        score = score_answer(judge, ex, answer.response, answer.finish_reason)
+        score = score_answer(judge, ex, answer.response, answer.finish_reason, taught)
         scores.append(score)
         rows.append({"instruction": ex.instruction, "input": ex.input, "expected": ex.response,
                      "answer": answer.response, "finish_reason": answer.finish_reason,

@@ -39,14 +39,17 @@ def text_table(headers: Sequence[str], rows: Sequence[Sequence[str]],
 def summary_rows(results: list[EvalResult]) -> tuple[list[str], list[list[Any]]]:
     """One row per model and decoding: the shares and means."""
     checked = any(r.summary.get("n_checked") for r in results)
-    headers = ["model", "decode", "format", "exact", "stopped", "chrF"]
+    taught = any(r.summary.get("copied") is not None for r in results)
+    headers = ["model", "decode", "format", "exact", "stopped", *(["copied"] if taught else []),
+               "chrF"]
     headers += ["check"] if checked else []
     headers += ["eval loss", "seconds"]
     rows = []
     for r in results:
         s = r.summary
         row = [r.model, r.decode, fraction(s, "format"), fraction(s, "exact"),
-               fraction(s, "stopped"), f"{s['chrf']:.1f}"]
+               fraction(s, "stopped"), *([fraction(s, "copied")] if taught else []),
+               f"{s['chrf']:.1f}"]
         row += [fraction(s, "check", "n_checked")] if checked else []
         row += ["" if r.eval_loss is None else f"{r.eval_loss:.3f}", f"{r.seconds:.1f}"]
         rows.append(row)
@@ -56,15 +59,22 @@ def summary_rows(results: list[EvalResult]) -> tuple[list[str], list[list[Any]]]
 def example_rows(result: EvalResult) -> tuple[list[str], list[list[Any]]]:
     """One row per example: asked, expected, answered, and the marks (True/False/None)."""
     checked = result.summary.get("n_checked", 0) > 0
-    headers = ["#", "instruction", "expected", "answer", "format", "exact", "stopped", "chrF"]
+    taught = result.summary.get("copied") is not None
+    headers = ["#", "instruction", "expected", "answer", "format", "exact", "stopped",
+               *(["copied"] if taught else []), "chrF"]
     headers += ["check"] if checked else []
     rows = []
     for i, r in enumerate(result.rows, start=1):
         asked = r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else "")
         row = [str(i), asked, r["expected"], r["answer"], r["format"], r["exact"],
-               r["stopped"], f"{r['chrf']:.0f}"]
+               r["stopped"], *([_copied(r)] if taught else []), f"{r['chrf']:.0f}"]
         rows.append(row + ([r["check"]] if checked else []))
     return headers, rows
+
+
+def _copied(row: dict[str, Any]) -> str:
+    """A copied answer is a bad sign, so not a (green) tick: 'yes' or nothing."""
+    return "yes" if row.get("copied") else ""
 
 
 def _plain(value: Any) -> str:
@@ -155,7 +165,9 @@ def png_img(data: bytes, alt: str) -> str:
 def _rule_note() -> str:
     return ('<p class="note">format: the answer has the expected answer\'s shape (punctuation, '
             "word slots, list items, fixed words of its family), whatever its content words. "
-            "exact: equal after trimming. stopped: the model ended the answer itself. chrF: "
+            "exact: equal after trimming. stopped: the model ended the answer itself. copied: "
+            "the answer is one the model was taught, word for word, where another was "
+            "expected. chrF: "
             "character n-gram F-score, 0-100. eval loss: mean loss per token of the expected "
             "answers.</p>")
 

@@ -198,23 +198,35 @@ class Score:
     stopped: bool
     chrf: float
     check: bool | None  # None: the example has no check
+    # A taught answer repeated word for word where another was expected: in the taught
+    # format, but nothing learned beyond the examples. None: nothing was taught (a base model).
+    copied: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
+def taught_answers(examples: Iterable[Example]) -> frozenset[str]:
+    """The answers a model was taught, as `score_answer` compares them."""
+    return frozenset(ex.response.strip() for ex in examples)
+
+
 def score_answer(judge: FormatJudge, example: Example, answer: str,
-                 finish_reason: str) -> Score:
+                 finish_reason: str, taught: frozenset[str] | None = None) -> Score:
+    """`answer`'s scores against `example`; `taught`: the answers the model was trained on
+    (taught_answers), to tell a copied one."""
     expected = example.response
-    return Score(exact=answer.strip() == expected.strip(),
+    exact = answer.strip() == expected.strip()
+    return Score(exact=exact,
                  format=judge.match(expected, answer, f"{example.instruction} {example.input}"),
                  stopped=finish_reason == "stop",
                  chrf=chrf(answer, expected),
-                 check=passes_check(example.check, answer) if example.check else None)
+                 check=passes_check(example.check, answer) if example.check else None,
+                 copied=None if taught is None else not exact and answer.strip() in taught)
 
 
 def summarize(scores: list[Score]) -> dict[str, Any]:
-    """Shares of exact, format and stopped answers, mean chrF, share of checks passed."""
+    """Shares of exact, format, stopped and copied answers, mean chrF, share of checks passed."""
     n = len(scores)
     checked = [s.check for s in scores if s.check is not None]
 
@@ -225,6 +237,7 @@ def summarize(scores: list[Score]) -> dict[str, Any]:
             "format": share([s.format for s in scores]),
             "exact": share([s.exact for s in scores]),
             "stopped": share([s.stopped for s in scores]),
+            "copied": share([s.copied for s in scores if s.copied is not None]),
             "chrf": round(sum(s.chrf for s in scores) / n, 2) if n else None,
             "check": share(checked), "n_checked": len(checked)}
 
@@ -236,11 +249,14 @@ def fraction(summary: dict[str, Any], key: str, of: str = "n") -> str:
 
 
 def describe_summary(summary: dict[str, Any]) -> str:
-    """One line for people: 'format 5/6, exact 1/6, stopped 6/6, chrF 71.2'."""
+    """One line for people: 'format 5/6, exact 1/6, stopped 6/6, chrF 71.2', with 'copied
+    2/6' before chrF where taught answers came back for new instructions."""
     if not summary["n"]:
         return "no examples"
     parts = [f"format {fraction(summary, 'format')}", f"exact {fraction(summary, 'exact')}",
              f"stopped {fraction(summary, 'stopped')}", f"chrF {summary['chrf']:.1f}"]
+    if summary.get("copied"):  # said only when it happened
+        parts.insert(3, f"copied {fraction(summary, 'copied')}")
     if summary.get("n_checked"):
         parts.append(f"checks {fraction(summary, 'check', 'n_checked')}")
     return ", ".join(parts)

@@ -452,14 +452,15 @@ def _describe_lora(summary: dict[str, Any]) -> str:
 def closing_answers(answerer: Answerer, data: InstructionSet, n_train: int = 3) -> EvalResult:
     """Scored answers to the eval part (or a few training examples): did the model learn?"""
     examples = data.eval or data.train[:n_train]
-    return evaluate(answerer, EvalSet(data.path, examples, data.train + data.eval),
-                    with_loss=False)
+    return evaluate(answerer, EvalSet(data.path, examples, data.train + data.eval,
+                                      taught=data.train), with_loss=False)
 
 
 def format_answers(rows: list[dict[str, Any]]) -> str:
     lines = []
     for row in rows:
         marks = [text for bad, text in ((not row["format"], "other format"),
+                                        (row.get("copied"), "a taught answer"),
                                         (not row["stopped"], "did not stop")) if bad]
         lines += [f"> {row['instruction']}", f"  expected: {row['expected']}",
                   f"  answer:   {row['answer']}" + (f"  [{', '.join(marks)}]" if marks else "")]
