@@ -208,6 +208,25 @@ def test_export_command_writes_the_gguf_and_an_ollama_modelfile(tiny_run, tmp_pa
     assert f"llama-cli -m {gguf.name} " in readme and "`<eos>`" in readme
 
 
+def test_export_into_a_new_folder_with_the_gguf_written_elsewhere(tiny_run, tmp_path,
+                                                                  monkeypatch):
+    """The --ollama folder need not exist; FROM finds the GGUF wherever --output put it: by
+    its absolute path outside the folder, by a relative one inside it."""
+    monkeypatch.chdir(tmp_path)
+    elsewhere = tmp_path / "elsewhere" / "model.gguf"
+    assert main(["export", str(tiny_run), "--quant", "f16", "--output", str(elsewhere),
+                 "--ollama", "new/ollama"]) == 0
+    modelfile = tmp_path / "new" / "ollama" / "Modelfile"
+    source = modelfile.read_text(encoding="utf-8").splitlines()[0].removeprefix("FROM ")
+    assert Path(source).is_absolute() and Path(source).samefile(elsewhere)
+    assert (modelfile.parent / "README.md").is_file()
+    assert main(["export", str(tiny_run), "--quant", "f16", "--output",
+                 "newer/ollama/sub/model.gguf", "--ollama", "newer/ollama"]) == 0
+    modelfile = tmp_path / "newer" / "ollama" / "Modelfile"
+    source = modelfile.read_text(encoding="utf-8").splitlines()[0].removeprefix("FROM ")
+    assert source == "./sub/model.gguf" and (modelfile.parent / source).is_file()
+
+
 def test_a_lora_run_is_merged_on_the_way(tmp_path, tiny_base):
     (tmp_path / "facts.txt").write_text("Say hello.#Hello!\nName a fruit.#Apple\n",
                                         encoding="utf-8")

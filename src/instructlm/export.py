@@ -8,7 +8,6 @@ renamed in, so an interrupted export leaves no half file, and an earlier export 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,19 +50,30 @@ def export(run: str | Path, quant: str = DEFAULT_QUANT, output: str | Path | Non
     end_token = (tokenizer.convert_ids_to_tokens(int(tokenizer.eos_token_id))
                  if info["settings"].get("end_token", True) else None)
     if modelfile_path is not None:  # made before anything is written: it can be refused
-        source = os.path.relpath(gguf_path, modelfile_path.parent)
-        text = modelfile(source if source.startswith(".") else f"./{source}", template,
+        source = gguf_from(modelfile_path.parent, gguf_path)
+        text = modelfile(source if Path(source).is_absolute() else f"./{source}", template,
                          tokenizer, end_token, DecodeSettings().max_new_tokens)
         readme = _readme(run, info, source, quant, end_token)
     gguf_path.parent.mkdir(parents=True, exist_ok=True)
     with file_written_beside(gguf_path) as partial:
         write_gguf(model, tokenizer, chat_template, partial, quant, run.name)
     if modelfile_path is not None:
+        modelfile_path.parent.mkdir(parents=True, exist_ok=True)
         with file_written_beside(modelfile_path) as partial:
             partial.write_text(text, encoding="utf-8")
         with file_written_beside(modelfile_path.with_name(README)) as partial:
             partial.write_text(readme, encoding="utf-8")
     return Exported(gguf_path, modelfile_path, end_token)
+
+
+def gguf_from(folder: Path, gguf: Path) -> str:
+    """The GGUF as seen from the Modelfile's `folder`: a relative path when it lies inside
+    the folder (which can then be moved whole), else its absolute path (a path through `..`
+    would break as soon as either is moved)."""
+    folder, gguf = folder.resolve(), gguf.resolve()
+    if gguf.is_relative_to(folder):
+        return gguf.relative_to(folder).as_posix()
+    return str(gguf)
 
 
 def _readme(run: Path, info: dict[str, Any], gguf: str, quant: str,
