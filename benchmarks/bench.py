@@ -44,10 +44,10 @@ def baseline_recipe(file: str, output: str, base: str, epochs: int,
     import torch
     from transformers import Trainer, TrainingArguments
 
-    from instructlm.base import load_model, load_tokenizer, resolve_base
-    from instructlm.encode import IGNORE_INDEX, encode_examples
-    from instructlm.formats import read_instruction_file
-    from instructlm.templates import parse_template
+    from instructlm.data.encode import IGNORE_INDEX, encode_examples
+    from instructlm.data.formats import read_instruction_file
+    from instructlm.data.templates import parse_template
+    from instructlm.model.base import load_model, load_tokenizer, resolve_base
 
     source = resolve_base(base)
     tokenizer = load_tokenizer(source)
@@ -79,7 +79,8 @@ def baseline_recipe(file: str, output: str, base: str, epochs: int,
 def default_recipe(file: str, output: str, base: str, epochs: int) -> dict[str, Any]:
     """`instructlm train FILE` with its defaults; returns times, token counts, quality."""
     from instructlm.runs import read_run_info
-    from instructlm.train import TrainSettings, train
+    from instructlm.training.settings import TrainSettings
+    from instructlm.training.train import train
 
     started = time.perf_counter()
     # On the CPU, like the baseline, also where there is a GPU: this benchmark is about CPUs.
@@ -99,10 +100,10 @@ def default_recipe(file: str, output: str, base: str, epochs: int) -> dict[str, 
 def _quality(model: Any, tokenizer: Any, template: Any, data: Any,
              end_token: bool) -> dict[str, Any]:
     """Eval loss as trained (with or without end token) and the held-out answers' scores."""
-    from instructlm.answerer import Answerer
-    from instructlm.encode import encode_examples
-    from instructlm.evaluate import EvalSet, evaluate
-    from instructlm.loss import mean_loss
+    from instructlm.answering.answerer import Answerer
+    from instructlm.data.encode import encode_examples
+    from instructlm.measuring.evaluate import EvalSet, evaluate
+    from instructlm.model.loss import mean_loss
 
     held_out = data.eval or data.train
     encoded, _ = encode_examples(held_out, template, tokenizer, 512, end_token=end_token)
@@ -128,8 +129,8 @@ def run_child(recipe: str, file: str, output: str, base: str, epochs: int) -> di
 
 def generation_speed(run: str, file: str, n: int = N_GEN) -> dict[str, Any]:
     """Greedy answers to `n` instructions, one at a time and in batches: time and agreement."""
-    from instructlm.answerer import DecodeSettings, load_answerer
-    from instructlm.formats import read_instruction_file
+    from instructlm.answering.answerer import DecodeSettings, load_answerer
+    from instructlm.data.formats import read_instruction_file
 
     data = read_instruction_file(file)
     pool = [ex.instruction for ex in data.eval + data.train]
@@ -176,9 +177,9 @@ def bench(file: str, base: str, epochs: int, probe_seconds: float = 1.0,
           probe_size: int = 2048, n_gen: int = N_GEN) -> dict[str, Any]:
     import torch
 
-    from instructlm.base import load_model, resolve_base
-    from instructlm.devices import matmul_gflops
-    from instructlm.formats import read_instruction_file
+    from instructlm.data.formats import read_instruction_file
+    from instructlm.model.base import load_model, resolve_base
+    from instructlm.model.devices import matmul_gflops
 
     bf16 = matmul_gflops(torch.bfloat16, probe_size, probe_seconds)
     fp32 = matmul_gflops(torch.float32, probe_size, probe_seconds)
@@ -246,7 +247,7 @@ def main() -> None:
     parser.add_argument("--recipe", choices=["baseline", "default"], help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    from instructlm.base import quiet_libraries
+    from instructlm.model.base import quiet_libraries
 
     quiet_libraries()
     if args.recipe:  # a child: one recipe, one JSON line

@@ -17,10 +17,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from instructlm.base import quiet_libraries
-from instructlm.evaluate import compare, eval_set_for, parse_decodes
-from instructlm.report import compare_table
-from instructlm.train import TrainSettings, train
+from instructlm.measuring.evaluate import compare, eval_set_for, parse_decodes
+from instructlm.measuring.report import compare_table
+from instructlm.model.base import quiet_libraries
+from instructlm.training.settings import TrainSettings
+from instructlm.training.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 

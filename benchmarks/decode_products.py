@@ -45,8 +45,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=15)
     args = parser.parse_args()
 
-    from instructlm.base import load_model, quiet_libraries, resolve_base
-    from instructlm.weight_first import use_weight_first
+    from instructlm.model.base import load_model, quiet_libraries, resolve_base
+    from instructlm.model.weight_first import use_weight_first
 
     quiet_libraries()
     plain = load_model(resolve_base(args.base)).eval()

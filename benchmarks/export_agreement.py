@@ -24,11 +24,11 @@ def main() -> None:
                         help="let llama.cpp repack the weights for this CPU (its default)")
     args = parser.parse_args()
 
-    from instructlm.answerer import DecodeSettings, load_answerer
-    from instructlm.export import export
-    from instructlm.gguf_file import load_in_llama_cpp
+    from instructlm.answering.answerer import DecodeSettings, load_answerer
+    from instructlm.export.export_run import export
+    from instructlm.export.gguf_file import load_in_llama_cpp
+    from instructlm.measuring.scores import FormatJudge, score_answer
     from instructlm.runs import read_run_examples
-    from instructlm.scores import FormatJudge, score_answer
 
     train, held_out = read_run_examples(args.run)
     examples = held_out + train

@@ -34,7 +34,7 @@ def build_model(folder: Path) -> int:
     import torch
     from transformers import AutoTokenizer, BloomConfig, BloomForCausalLM
 
-    from instructlm.base import resolve_base
+    from instructlm.model.base import resolve_base
 
     torch.set_default_dtype(torch.bfloat16)  # never hold the 5 GB fp32 version
     torch.manual_seed(0)
@@ -47,7 +47,7 @@ def build_model(folder: Path) -> int:
 
 def training_lines(file: Path, n: int) -> str:
     """The first `n` training examples of the file (held-out ones are not needed here)."""
-    from instructlm.formats import read_instruction_file
+    from instructlm.data.formats import read_instruction_file
 
     data = read_instruction_file(file)
     return "".join(f"{ex.instruction.replace('#', chr(92) + '#')}#"

@@ -31,13 +31,18 @@ from pathlib import Path
 
 import torch
 
-from instructlm.base import load_model, load_tokenizer, quiet_libraries, resolve_base
-from instructlm.batches import collate
-from instructlm.devices import matmul_gflops
-from instructlm.encode import encode_examples
-from instructlm.formats import read_instruction_file
-from instructlm.optimize import SpeedPaths, TrainStep
-from instructlm.templates import choose_template
+from instructlm.data.batches import collate
+from instructlm.data.encode import encode_examples
+from instructlm.data.formats import read_instruction_file
+from instructlm.data.templates import choose_template
+from instructlm.model.base import (
+    load_model,
+    load_tokenizer,
+    quiet_libraries,
+    resolve_base,
+)
+from instructlm.model.devices import matmul_gflops
+from instructlm.training.optimize import SpeedPaths, TrainStep
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ["plain", "+labels", "+sparse", "+prefix", "+packed", "grouped", "bf16-autocast",

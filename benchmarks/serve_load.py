@@ -53,7 +53,7 @@ def main() -> None:
 def instructions(run: str, n: int, file: str | None = None) -> list[str]:
     """`n` instructions from `file`, else the run's own file, else examples/spells.txt
     (held-out ones first), repeated as needed."""
-    from instructlm.formats import read_instruction_file
+    from instructlm.data.formats import read_instruction_file
 
     info = Path(run) / "instructlm.json"
     if file is None:

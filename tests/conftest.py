@@ -45,7 +45,7 @@ EIGHT_FACTS = TINY_FILE.replace("# _EVAL_", "Say hi.#Hi!\nSay bye.#Bye!\nName a 
 
 def tiny_settings(base: Path, **changes):
     """Training settings under which the tiny model memorises TINY_FILE in seconds."""
-    from instructlm.train import TrainSettings
+    from instructlm.training.settings import TrainSettings
 
     values = dict(base=str(base), template="seed-en", epochs=60, lr=3e-3, batch_size=3,
                   warmup_ratio=0.05, seed=0)
@@ -148,7 +148,7 @@ def write(tmp_path):
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, tiny_base) -> Path:
     """TINY_FILE learned by the tiny model: a run to ask and serve."""
-    from instructlm.train import train
+    from instructlm.training.train import train
 
     folder = tmp_path_factory.mktemp("facts")
     (folder / "facts.txt").write_text(TINY_FILE, encoding="utf-8")
@@ -159,7 +159,7 @@ def tiny_run(tmp_path_factory, tiny_base) -> Path:
 @pytest.fixture(scope="session")
 def tiny_models(tiny_run) -> dict[str, Any]:
     """The tiny run and its untuned base, as `serve --compare-base` serves them."""
-    from instructlm.answerer import load_answerer, load_untuned_base
+    from instructlm.answering.answerer import load_answerer, load_untuned_base
 
     return {"facts": load_answerer(str(tiny_run)), "facts:base": load_untuned_base(str(tiny_run))}
 

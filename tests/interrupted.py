@@ -4,7 +4,7 @@
 import sys
 
 from instructlm.cli import main
-from instructlm.optimize import TrainStep
+from instructlm.training.optimize import TrainStep
 
 stop_at, calls, real = int(sys.argv[1]), [], TrainStep.__call__
 

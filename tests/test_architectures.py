@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from instructlm.architectures import ARCHITECTURES, UNKNOWN, architecture
+from instructlm.model.architectures import ARCHITECTURES, UNKNOWN, architecture
 
 SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from instructlm.budget import DEFAULT_EPOCHS, choose_budget, make_scheduler
-from instructlm.curve import learning_curve
-from instructlm.loss import DEFAULT_AVERAGE
-from instructlm.train import train
-
 from conftest import EIGHT_FACTS, tiny_settings
+
+from instructlm.curve import learning_curve
+from instructlm.model.loss import DEFAULT_AVERAGE
+from instructlm.training.budget import DEFAULT_EPOCHS, choose_budget, make_scheduler
+from instructlm.training.train import train
 
 
 @pytest.mark.parametrize("n, batch, epochs, steps", [

@@ -8,15 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import EIGHT_FACTS, tiny_settings
 from safetensors.torch import load_file
 
 from instructlm import checkpoints
 from instructlm.cli import main
 from instructlm.errors import InstructlmError
-from instructlm.optimize import TrainStep
-from instructlm.train import resume, train
-
-from conftest import EIGHT_FACTS, tiny_settings
+from instructlm.training.optimize import TrainStep
+from instructlm.training.train import resume, train
 
 QUIET = dict(report=lambda m: None, progress=False)
 

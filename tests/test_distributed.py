@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import EIGHT_FACTS, tiny_settings
 from safetensors.torch import load_file
 
-from instructlm.distributed import Shard, decoder_layers, launched
-from instructlm.train import train
-
-from conftest import EIGHT_FACTS, tiny_settings
+from instructlm.training.distributed import Shard, decoder_layers, launched
+from instructlm.training.train import train
 
 # 8 training examples in global batches of 3: every third step has a short last batch.
 DATA = EIGHT_FACTS
@@ -119,8 +118,8 @@ def test_fsdp_refuses_fp16_with_a_clear_message(tmp_path, tiny_base, write):
 
 
 def test_deepspeed_is_refused_before_anything_starts(monkeypatch):
-    from instructlm.distributed import make_accelerator
     from instructlm.errors import InstructlmError
+    from instructlm.training.distributed import make_accelerator
 
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(InstructlmError, match="DeepSpeed is not supported") as refused:
@@ -142,8 +141,8 @@ def test_launched_means_a_launcher_with_several_processes_or_fsdp(monkeypatch):
 
 
 def test_fsdp_shards_each_decoder_layer_also_under_lora(tiny_base):
-    from instructlm.adapters import LoraSettings, add_lora
-    from instructlm.base import load_model
+    from instructlm.model.adapters import LoraSettings, add_lora
+    from instructlm.model.base import load_model
 
     model = load_model(str(tiny_base))
     layers = decoder_layers(model)

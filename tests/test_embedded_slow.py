@@ -53,7 +53,7 @@ def spells_run(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_embedded_model_learns_formats_of_unseen_categories(spells_run):
-    from instructlm.formats import read_instruction_file
+    from instructlm.data.formats import read_instruction_file
 
     data = read_instruction_file(EXAMPLE)
     stdin = "".join(ex.instruction + "\n" for ex in data.eval)
@@ -123,7 +123,7 @@ def test_served_run_answers_in_the_taught_format_beside_its_untuned_base(spells_
 @pytest.mark.slow
 def test_lora_on_the_embedded_model_learns_and_merges(tmp_path):
     """`train --lora` with its defaults, then `merge`: both answer in the taught formats."""
-    from instructlm.formats import read_instruction_file
+    from instructlm.data.formats import read_instruction_file
 
     run = tmp_path / "spells-lora"
     subprocess.run([sys.executable, "-m", "instructlm", "train", str(EXAMPLE), "--lora",
@@ -225,8 +225,8 @@ def test_llama_cpp_answers_an_exported_run_as_instructlm_does(spells_run, tmp_pa
     llama.cpp loads the files as `llama-cli --no-repack` does: repacked for a CPU with AMX,
     Q8_0 crashes on some machines and rounds differently on others (load_in_llama_cpp)."""
     llama_cpp_or_skip()
-    from instructlm.gguf_file import load_in_llama_cpp
-    from instructlm.formats import read_instruction_file
+    from instructlm.data.formats import read_instruction_file
+    from instructlm.export.gguf_file import load_in_llama_cpp
 
     data = read_instruction_file(EXAMPLE)
     stdin = "".join(ex.instruction + "\n" for ex in data.eval)

@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import pytest
 
-from instructlm.batches import collate
-from instructlm.encode import (
+from instructlm.data.batches import collate
+from instructlm.data.encode import (
     IGNORE_INDEX,
     encode_example,
     encode_examples,
     encode_prompt,
 )
+from instructlm.data.formats import Example
+from instructlm.data.templates import around_instruction, parse_template, render_prompt
 from instructlm.errors import InstructlmError
-from instructlm.formats import Example
-from instructlm.templates import around_instruction, parse_template, render_prompt
-from instructlm.train import TrainSettings
+from instructlm.training.settings import TrainSettings
 
 
 def test_labels_mask_prompt_and_end_with_eos(tiny_tokenizer):
@@ -105,7 +105,7 @@ def test_prompt_loss_is_asked_for_and_for_supervised_runs_only():
 
 
 def test_held_out_examples_teach_their_responses_alone(tiny_tokenizer):
-    from instructlm.train import encode_reporting
+    from instructlm.training.train import encode_reporting
 
     t = parse_template("seed-en")
     examples = [Example("Name three fruits.", "Apple, banana, cherry")]

@@ -10,10 +10,11 @@ import pytest
 
 from instructlm.cli import main
 from instructlm.curve import family, parse_sizes, spread_order
+from instructlm.data.formats import Example
 from instructlm.errors import InstructlmError
-from instructlm.evaluate import eval_set_for, parse_decodes
-from instructlm.formats import Example
-from instructlm.train import TrainSettings, train
+from instructlm.measuring.evaluate import eval_set_for, parse_decodes
+from instructlm.training.settings import TrainSettings
+from instructlm.training.train import train
 
 FACTS = """\
 Say hello.#Hello!

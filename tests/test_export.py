@@ -13,16 +13,16 @@ import pytest
 import torch
 from conftest import CORPUS, llama_cpp_or_skip, make_tiny_tokenizer, tiny_settings
 
-from instructlm.answerer import load_answerer
-from instructlm.architectures import ARCHITECTURES
+from instructlm.answering.answerer import load_answerer
 from instructlm.cli import main
+from instructlm.data.formats import Example
+from instructlm.data.templates import NAMED_TEMPLATES, parse_template, render_prompt
 from instructlm.errors import InstructlmError
-from instructlm.export import export
-from instructlm.exported_prompt import gguf_chat_template, ollama_template
-from instructlm.formats import Example
-from instructlm.gguf_file import pre_tokenizer, write_gguf
-from instructlm.templates import NAMED_TEMPLATES, parse_template, render_prompt
-from instructlm.train import train
+from instructlm.export.export_run import export
+from instructlm.export.exported_prompt import gguf_chat_template, ollama_template
+from instructlm.export.gguf_file import pre_tokenizer, write_gguf
+from instructlm.model.architectures import ARCHITECTURES
+from instructlm.training.train import train
 
 INSTRUCTIONS = ["Name three fruits.", "Say hello.", 'A "quoted" {{word}} and \\ here.']
 
@@ -102,7 +102,7 @@ def with_pre_tokenizer(pre):
 def qwen2_style_tokenizer():
     from tokenizers import Regex, pre_tokenizers
 
-    from instructlm.gguf_file import _QWEN2_SPLIT
+    from instructlm.export.gguf_file import _QWEN2_SPLIT
 
     return with_pre_tokenizer(pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated", invert=False),
@@ -130,7 +130,7 @@ def test_llama_cpp_reads_every_family_as_transformers_runs_it(model_type, tmp_pa
     into the same tokens (GPT-2's words, and Qwen2's for Qwen2) and computes the same
     logits, so the tensors, their permutation, biases and tied output layer are right."""
     llama_cpp_or_skip()
-    from instructlm.gguf_file import load_in_llama_cpp
+    from instructlm.export.gguf_file import load_in_llama_cpp
 
     tokenizer = qwen2_style_tokenizer() if model_type == "qwen2" else make_tiny_tokenizer()
     model = random_family_model(model_type, tokenizer)

@@ -16,13 +16,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from instructlm import checkpoints
-from instructlm.answerer import load_answerer
-from instructlm.encode import encode_examples
+from instructlm.answering.answerer import load_answerer
+from instructlm.data.encode import encode_examples
+from instructlm.data.formats import Example, read_instruction_file
+from instructlm.data.templates import choose_template
 from instructlm.errors import InstructionFileError, InstructlmError
-from instructlm.formats import Example, read_instruction_file
 from instructlm.runs import output_lock
-from instructlm.templates import choose_template
-from instructlm.train import train
+from instructlm.training.train import train
 
 
 def quiet(message: str) -> None:

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from instructlm.data.formats import read_instruction_file, split_escaped
 from instructlm.errors import InstructionFileError
-from instructlm.formats import read_instruction_file, split_escaped
 
 TUTORIAL_STYLE = """\
 # Zaubersprüche

@@ -6,11 +6,10 @@ import json
 
 import pytest
 import torch
-
-from instructlm.layer_decay import parameter_groups, rate_multipliers
-from instructlm.train import train
-
 from conftest import EIGHT_FACTS, tiny_settings
+
+from instructlm.training.layer_decay import parameter_groups, rate_multipliers
+from instructlm.training.train import train
 
 LLAMA = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
          "model.layers.0.input_layernorm.weight", "model.layers.1.mlp.up_proj.weight",

@@ -10,17 +10,17 @@ import torch
 from conftest import TINY_FILE, tiny_settings
 from safetensors.torch import load_file
 
-from instructlm.adapters import LoraSettings, add_lora, merge
-from instructlm.answerer import load_answerer
-from instructlm.batches import collate
+from instructlm.answering.answerer import load_answerer
 from instructlm.cli import main
-from instructlm.encode import encode_example
+from instructlm.data.batches import collate
+from instructlm.data.encode import encode_example
+from instructlm.data.formats import Example
+from instructlm.data.templates import NAMED_TEMPLATES
 from instructlm.errors import InstructlmError
-from instructlm.formats import Example
-from instructlm.optimize import TrainStep
+from instructlm.model.adapters import LoraSettings, add_lora, merge
 from instructlm.runs import RUN_FILE
-from instructlm.templates import NAMED_TEMPLATES
-from instructlm.train import train
+from instructlm.training.optimize import TrainStep
+from instructlm.training.train import train
 
 QUESTIONS = ["Say hello.", "Name three fruits.", "Tell me a spell."]
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors"}

@@ -7,10 +7,10 @@ import json
 import math
 
 import pytest
-
 from conftest import tiny_settings
+
+from instructlm.data.formats import read_instruction_file
 from instructlm.errors import InstructionFileError, InstructlmError
-from instructlm.formats import read_instruction_file
 
 PAIRS = """\
 # yes/no answers, preferred short
@@ -100,7 +100,7 @@ def test_bad_jsonl_pair_names_its_line(write):
 def test_dpo_loss_is_ln2_when_the_policy_is_the_reference():
     import torch
 
-    from instructlm.preference import pair_scores
+    from instructlm.training.preference import pair_scores
 
     logps = torch.tensor([-3.0, -7.5, -4.0, -2.0])
     scores = pair_scores("dpo", 0.1, logps, torch.tensor([2, 5, 3, 1]), reference=logps)
@@ -118,7 +118,7 @@ def test_dpo_loss_is_ln2_when_the_policy_is_the_reference():
 def test_orpo_loss_matches_its_formula():
     import torch
 
-    from instructlm.preference import pair_scores
+    from instructlm.training.preference import pair_scores
 
     logps, counts = torch.tensor([-2.0, -9.0]), torch.tensor([4, 3])
     pc, pr = -2.0 / 4, -9.0 / 3
@@ -133,7 +133,7 @@ def test_orpo_loss_matches_its_formula():
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory, tiny_base):
     """A supervised run on the chosen answers' long form: the start that DPO corrects."""
-    from instructlm.train import train
+    from instructlm.training.train import train
 
     folder = tmp_path_factory.mktemp("sft")
     long_form = "\n".join(f"{line.split('#')[0]}#{line.split('#')[2]}"
@@ -149,7 +149,7 @@ def _loss_records(run):
 
 
 def test_dpo_from_a_run_starts_at_ln2_and_prefers_the_chosen(tmp_path, write, sft_run):
-    from instructlm.train import train
+    from instructlm.training.train import train
 
     messages = []
     run = train(write("pairs.txt", PAIRS), tmp_path / "dpo",
@@ -166,7 +166,7 @@ def test_dpo_from_a_run_starts_at_ln2_and_prefers_the_chosen(tmp_path, write, sf
     assert rewards[-1]["reward_margin"] > rewards[0]["reward_margin"] > 0
     assert any("Preference: DPO, beta 0.1" in m for m in messages)
     assert info["metrics"]["closing_answers"]  # the eval part is answered and scored as ever
-    from instructlm.evaluate import eval_set_for
+    from instructlm.measuring.evaluate import eval_set_for
 
     # `eval RUN FILE` reads a preference run's file as pairs: the chosen answer is expected
     asked = eval_set_for(str(run), str(tmp_path / "pairs.txt"))
@@ -174,7 +174,7 @@ def test_dpo_from_a_run_starts_at_ln2_and_prefers_the_chosen(tmp_path, write, sf
 
 
 def test_dpo_with_lora_uses_the_adapter_off_model_as_reference(tmp_path, write, sft_run):
-    from instructlm.train import train
+    from instructlm.training.train import train
 
     run = train(write("pairs.txt", PAIRS), tmp_path / "dpo-lora",
                 tiny_settings(str(sft_run), template="auto", method="dpo", lora=True,
@@ -187,7 +187,7 @@ def test_dpo_with_lora_uses_the_adapter_off_model_as_reference(tmp_path, write, 
 
 
 def test_orpo_from_a_base_learns_the_chosen_answers(tmp_path, write, tiny_base):
-    from instructlm.train import train
+    from instructlm.training.train import train
 
     run = train(write("pairs.txt", PAIRS), tmp_path / "orpo",
                 tiny_settings(tiny_base, method="orpo", epochs=40, batch_size=4),
@@ -202,7 +202,7 @@ def test_dpo_resumes_from_a_checkpoint_as_if_never_stopped(tmp_path, write, sft_
     import shutil
 
     from instructlm import checkpoints
-    from instructlm.train import resume, train
+    from instructlm.training.train import resume, train
 
     path = write("pairs.txt", PAIRS)
     settings = tiny_settings(str(sft_run), template="auto", method="dpo", lr=1e-3, epochs=4,
@@ -230,7 +230,8 @@ def test_dpo_resumes_from_a_checkpoint_as_if_never_stopped(tmp_path, write, sft_
 
 
 def test_preference_methods_refuse_what_they_cannot_do(tmp_path, write, tiny_base):
-    from instructlm.train import TrainSettings, train
+    from instructlm.training.settings import TrainSettings
+    from instructlm.training.train import train
 
     with pytest.raises(InstructlmError, match="--method must be"):
         TrainSettings(method="kto").check()
@@ -257,8 +258,8 @@ def test_dpo_steps_match_trls_dpo_trainer(tmp_path, write, tiny_base, tiny_token
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
-    from instructlm.templates import NAMED_TEMPLATES, render_prompt
-    from instructlm.train import train
+    from instructlm.data.templates import NAMED_TEMPLATES, render_prompt
+    from instructlm.training.train import train
 
     data = read_instruction_file(write("pairs.txt", PAIRS), preferences=True)
     steps = 4
@@ -311,7 +312,8 @@ def test_the_command_line_trains_dpo_and_inspects_pairs(tmp_path, write, sft_run
 
 
 def test_budgets_of_the_preference_methods():
-    from instructlm.train import TrainSettings, _budget
+    from instructlm.training.settings import TrainSettings
+    from instructlm.training.train import _budget
 
     dpo = _budget(TrainSettings(method="dpo"), 24)
     assert (dpo.epochs, dpo.steps) == (3, 9) and "as DPO takes by default" in dpo.why
@@ -328,7 +330,7 @@ def test_a_lora_run_as_base_is_merged_and_compare_shows_both_runs(tmp_path, writ
     """`--base RUN` with a LoRA run: its adapter merged into its base, trained further in
     its template; `compare` then answers the preference run's held-out part with both."""
     from instructlm.cli import main
-    from instructlm.train import train
+    from instructlm.training.train import train
 
     taught = train(write("long.txt", "Is water wet?#Yes, water is wet.\n"), tmp_path / "lora",
                    tiny_settings(tiny_base, lora=True, lr=1e-2, epochs=10),

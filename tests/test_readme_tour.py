@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from instructlm.cli import main
-from instructlm.train import default_output
+from instructlm.training.train import default_output
 
 ROOT = Path(__file__).resolve().parent.parent
 LOADS_A_BASE = {"train", "curve", "inspect"}

@@ -7,10 +7,18 @@ from pathlib import Path
 
 import pytest
 
+from instructlm.data.formats import Check, Example, read_instruction_file
 from instructlm.errors import InstructionFileError
-from instructlm.formats import Check, Example, read_instruction_file
-from instructlm.scores import (FormatJudge, Slot, describe_summary, passes_check, score_answer,
-                               skeleton, summarize, taught_answers)
+from instructlm.measuring.scores import (
+    FormatJudge,
+    Slot,
+    describe_summary,
+    passes_check,
+    score_answer,
+    skeleton,
+    summarize,
+    taught_answers,
+)
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import post, running_server
 
-from instructlm.answerer import Answerer
+from instructlm.answering.answerer import Answerer
 from instructlm.cli import main
 from instructlm.serve.app import create_app, listen
 from instructlm.serve.settings import ServeSettings

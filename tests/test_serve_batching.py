@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 import pytest
 from conftest import running_server
 
-from instructlm.answerer import Answerer
+from instructlm.answering.answerer import Answerer
 from instructlm.serve.app import create_app
 from instructlm.serve.settings import ServeSettings
 
@@ -79,9 +79,9 @@ def chat_model(tiny_tokenizer) -> Answerer:
     """A tiny random model with its tokenizer's chat template (so the system prompt reaches
     it), its weights drawn wide enough that each prompt gets its own answer."""
     import torch
-
     from conftest import make_tiny_model
-    from instructlm.templates import choose_template
+
+    from instructlm.data.templates import choose_template
 
     model = make_tiny_model(tiny_tokenizer)
     torch.manual_seed(1)
@@ -118,7 +118,7 @@ def test_answers_decoded_together_are_the_answers_each_gets_alone(chat_model, ti
 
 
 def test_the_prompt_opening_is_what_comes_before_the_instruction(chat_model, tiny_models):
-    from instructlm.formats import Example
+    from instructlm.data.formats import Example
 
     for answerer in (chat_model, tiny_models["facts"]):  # chat template, seed-en
         history = ({"role": "system", "content": "Be brief."},) \
@@ -304,7 +304,7 @@ def test_a_family_that_cannot_join_a_batch_answers_one_at_a_time(tiny_tokenizer)
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from instructlm.templates import parse_template
+    from instructlm.data.templates import parse_template
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tiny_tokenizer), n_embd=64, n_layer=2,
@@ -332,8 +332,8 @@ def test_a_request_that_fails_to_hear_its_answer_does_not_stop_the_loop(chat_mod
     """One request's failure stays its own: the loop goes on answering the others."""
     import threading
 
-    from instructlm.answerer import DecodeSettings
-    from instructlm.formats import Example
+    from instructlm.answering.answerer import DecodeSettings
+    from instructlm.data.formats import Example
     from instructlm.serve.batcher import Batcher, Row
 
     class Listener:

@@ -12,12 +12,12 @@ from conftest import make_tiny_model
 
 from instructlm import devices
 from instructlm import loss as loss_module
-from instructlm.batches import collate, packing_pays, shared_prefix_length
-from instructlm.encode import IGNORE_INDEX, encode_examples
-from instructlm.formats import Example
-from instructlm.loss import batch_loss
-from instructlm.optimize import SpeedPaths, TrainStep, clip_gradients
-from instructlm.templates import parse_template
+from instructlm.data.batches import collate, packing_pays, shared_prefix_length
+from instructlm.data.encode import IGNORE_INDEX, encode_examples
+from instructlm.data.formats import Example
+from instructlm.data.templates import parse_template
+from instructlm.model.loss import batch_loss
+from instructlm.training.optimize import SpeedPaths, TrainStep, clip_gradients
 
 EXAMPLES = [Example("Name three fruits.", "Apple, banana, cherry"), Example("Hi", "Hello!"),
             Example("Tell me a spell about three cities.", "Hocus A, Esotericus B, Alohomora!"),
@@ -237,7 +237,7 @@ def _left_padded(tokenizer, texts):
 
 def _decoded(model, ids, mask, *args, **kwargs) -> list[list[int]]:
     """Every row's new tokens, in row order."""
-    from instructlm.decode_loop import answers_as_they_end
+    from instructlm.answering.decode_loop import answers_as_they_end
 
     answers = dict(answers_as_they_end(model, ids, mask, *args, **kwargs))
     assert sorted(answers) == list(range(ids.shape[0]))
@@ -256,8 +256,8 @@ def test_dropping_finished_answers_gives_generates_greedy_answers(tiny_tokenizer
     """Same answers as `generate`, also when the prompts share an opening (run once)."""
     from transformers import GenerationConfig
 
-    from instructlm.batches import shared_opening_first
-    from instructlm.decode_loop import answers_as_they_end
+    from instructlm.answering.decode_loop import answers_as_they_end
+    from instructlm.data.batches import shared_opening_first
 
     model = make_tiny_model(tiny_tokenizer).eval()
     ids, mask = _left_padded(tiny_tokenizer, [
@@ -291,7 +291,7 @@ def test_dropping_finished_answers_gives_generates_greedy_answers(tiny_tokenizer
 def test_answers_come_in_input_order_as_soon_as_those_before_have_ended(tiny_tokenizer,
                                                                         monkeypatch):
     from instructlm import answerer as answerer_module
-    from instructlm.answerer import Answerer
+    from instructlm.answering.answerer import Answerer
 
     events = []
 
@@ -405,7 +405,7 @@ def test_lookup_decoding_keeps_the_greedy_answer(tiny_tokenizer):
 
 
 def test_look_up_proposes_what_followed_the_last_tokens_before():
-    from instructlm.decode_loop import _look_up
+    from instructlm.answering.decode_loop import _look_up
 
     assert _look_up([5, 6, 7, 8, 5, 6], 2) == [7, 8]  # after "5 6" came "7 8"
     assert _look_up([1, 2, 9, 1, 3, 9], 3) == [1, 3, 9]  # the latest "9": "1 3", then on
@@ -417,7 +417,7 @@ def test_look_up_proposes_what_followed_the_last_tokens_before():
 def test_streamed_text_adds_up_to_the_answer_and_stops_when_asked(tiny_tokenizer):
     """Streaming goes through the same decoding (prompt lookup included): the same text
     and tokens as the whole answer, and it ends early once asked to."""
-    from instructlm.answerer import Answerer, DecodeSettings
+    from instructlm.answering.answerer import Answerer, DecodeSettings
 
     answerer = Answerer(make_tiny_model(tiny_tokenizer), tiny_tokenizer,
                         parse_template("seed-en"), "tiny")
@@ -438,7 +438,7 @@ def test_weight_first_products_give_the_plain_logits_and_leave_training_alone(ti
     """While answering, every linear layer multiplies W @ x.T: the same logits as nn.Linear
     (to rounding), for one row and for a batch; outside inference mode, exactly nn.Linear's,
     and gradients still flow."""
-    from instructlm.weight_first import WeightFirstLinear, use_weight_first
+    from instructlm.model.weight_first import WeightFirstLinear, use_weight_first
 
     plain = make_tiny_model(tiny_tokenizer).eval()
     fast = use_weight_first(copy.deepcopy(plain))
@@ -457,7 +457,7 @@ def test_weight_first_products_give_the_plain_logits_and_leave_training_alone(ti
 
 
 def test_weight_first_leaves_subclasses_of_linear_alone():
-    from instructlm.weight_first import use_weight_first
+    from instructlm.model.weight_first import use_weight_first
 
     class Quantised(torch.nn.Linear):
         pass

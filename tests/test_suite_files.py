@@ -9,7 +9,7 @@ import re
 import sys
 from pathlib import Path
 
-from instructlm.formats import read_instruction_file
+from instructlm.data.formats import read_instruction_file
 
 SUITE = Path(__file__).resolve().parent.parent / "benchmarks" / "suite"
 

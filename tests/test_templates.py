@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import pytest
 
+from instructlm.data.formats import Example
+from instructlm.data.templates import (
+    Template,
+    default_template,
+    parse_template,
+    render_prompt,
+    training_template,
+)
 from instructlm.errors import InstructlmError
-from instructlm.formats import Example
-from instructlm.templates import (Template, default_template, parse_template, render_prompt,
-                                  training_template)
 
 
 def test_seed_de_is_the_tutorials_prompt():

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from instructlm.textcut import TextCutter
+from instructlm.answering.textcut import TextCutter
 
 
 def whole(text: str, stops: tuple[str, ...]) -> str:

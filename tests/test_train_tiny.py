@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from conftest import TINY_FILE, tiny_settings
 
-from instructlm.answerer import DecodeSettings, load_answerer
+from instructlm.answering.answerer import DecodeSettings, load_answerer
 from instructlm.errors import InstructlmError
 from instructlm.runs import RUN_FILE
-from instructlm.train import format_answers, train
+from instructlm.training.train import format_answers, train
 
 RUN_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
              "tokenizer_config.json", "chat_template.jinja", RUN_FILE, "losses.jsonl",
@@ -80,7 +80,7 @@ def test_existing_run_is_kept_without_force(tiny_run, tiny_base):
 
 
 def test_interrupted_training_leaves_earlier_run_untouched(tiny_run, tiny_base, monkeypatch):
-    import instructlm.optimize as optimize_module
+    import instructlm.training.optimize as optimize_module
 
     before = {p.name: p.read_bytes() for p in tiny_run.iterdir() if p.name != "model.safetensors"}
 
@@ -100,7 +100,7 @@ def test_first_ctrl_c_asks_training_to_stop_after_the_step_and_a_second_stops_at
     import os
     import signal
 
-    from instructlm.fit import _ctrl_c_between_steps
+    from instructlm.training.fit import _ctrl_c_between_steps
 
     outside = signal.default_int_handler  # as in a fresh process (other tests may differ)
     original = signal.signal(signal.SIGINT, outside)
@@ -169,10 +169,10 @@ def test_a_device_that_is_not_here_is_refused(tmp_path, tiny_base, device, messa
 def test_prompt_loss_teaches_the_instructions_as_well(tmp_path, tiny_base, tiny_tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from instructlm.encode import IGNORE_INDEX, EncodedExample, encode_examples
-    from instructlm.formats import read_instruction_file
-    from instructlm.loss import mean_loss
-    from instructlm.templates import parse_template
+    from instructlm.data.encode import IGNORE_INDEX, EncodedExample, encode_examples
+    from instructlm.data.formats import read_instruction_file
+    from instructlm.data.templates import parse_template
+    from instructlm.model.loss import mean_loss
 
     data = tmp_path / "f.txt"
     data.write_text(TINY_FILE, encoding="utf-8")

@@ -30,11 +30,11 @@ def main() -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from instructlm.base import load_tokenizer, resolve_base
-    from instructlm.exported_prompt import gguf_chat_template
-    from instructlm.formats import Example
-    from instructlm.gguf_file import write_gguf
-    from instructlm.templates import NAMED_TEMPLATES, parse_template, render_prompt
+    from instructlm.data.formats import Example
+    from instructlm.data.templates import NAMED_TEMPLATES, parse_template, render_prompt
+    from instructlm.export.exported_prompt import gguf_chat_template
+    from instructlm.export.gguf_file import write_gguf
+    from instructlm.model.base import load_tokenizer, resolve_base
 
     tokenizer = load_tokenizer(resolve_base("embedded"))
     torch.manual_seed(0)  # the weights do not matter: llama.cpp reads only the vocabulary

@@ -1,3 +1,3 @@
-from .cli import main
+from instructlm.cli import main
 
 raise SystemExit(main())

@@ -5,20 +5,20 @@ from __future__ import annotations
 import argparse
 from typing import Callable
 
-from .gguf_file import DEFAULT_QUANT, QUANTS
-from .answerer import BATCH_SIZE, DecodeSettings
-from .serve.settings import ServeSettings
+from instructlm.answering.answerer import BATCH_SIZE, DecodeSettings
+from instructlm.export.gguf_file import DEFAULT_QUANT, QUANTS
+from instructlm.serve.settings import ServeSettings
 
 EPILOG = "Run 'instructlm COMMAND --help' for the options of a command."
 API_KEY_ENV = "INSTRUCTLM_API_KEY"  # a key in the environment, not in `ps` output
 
 
 def _add_training(p: argparse.ArgumentParser) -> None:
-    from .budget import DEFAULT_EPOCHS, SCHEDULES
-    from .devices import PRECISIONS
-    from .layer_decay import LAYER_DECAY
-    from .loss import AVERAGES
-    from .train import FULL_LR, LORA_LR, TrainSettings
+    from instructlm.model.devices import PRECISIONS
+    from instructlm.model.loss import AVERAGES
+    from instructlm.training.budget import DEFAULT_EPOCHS, SCHEDULES
+    from instructlm.training.layer_decay import LAYER_DECAY
+    from instructlm.training.settings import FULL_LR, LORA_LR, TrainSettings
 
     d = TrainSettings()
     p.add_argument("--base", help="base model: a model folder, a trained run (trained "
@@ -115,7 +115,7 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]
                  ) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The top-level parser and one parser per command; each command's docstring is its
     help."""
-    from . import __version__
+    from instructlm import __version__
 
     parser = argparse.ArgumentParser(prog="instructlm", epilog=EPILOG, description=(
         "Teach a pretrained language model your own instructions from a text file."))
@@ -140,8 +140,8 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]
                    help="save a checkpoint every N steps, beside the run (default: none)")
     p.add_argument("--resume", metavar="RUN",
                    help="continue the interrupted run RUN from its last checkpoint")
-    from .preference import DEFAULT_BETA, DEFAULT_NLL_WEIGHT, METHODS
-    from .train import DPO_LORA_LR, DPO_LR
+    from instructlm.training.preference import DEFAULT_BETA, DEFAULT_NLL_WEIGHT, METHODS
+    from instructlm.training.settings import DPO_LORA_LR, DPO_LR
 
     taste = p.add_argument_group(
         "preference tuning", "learn from pairs, this answer and not that one: lines "

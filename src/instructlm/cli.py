@@ -9,16 +9,16 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from .arguments import API_KEY_ENV, build_parser
-from .base import quiet_libraries
-from .errors import InstructlmError
+from instructlm.arguments import API_KEY_ENV, build_parser
+from instructlm.errors import InstructlmError
+from instructlm.model.base import quiet_libraries
 
 # --- train ----------------------------------------------------------------------------------
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Teach a base model the instructions in FILE and save a run."""
-    from .checkpoints import checkpoint_dir
-    from .train import default_output, resume, train
+    from instructlm.training.checkpoints import checkpoint_dir
+    from instructlm.training.train import default_output, resume, train
 
     quiet_libraries()
     if args.resume:
@@ -46,7 +46,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train_settings(args: argparse.Namespace) -> Any:
-    from .train import TrainSettings
+    from instructlm.training.settings import TrainSettings
 
     names = {f.name for f in fields(TrainSettings)}
     return TrainSettings(**{k: v for k, v in vars(args).items()
@@ -57,7 +57,7 @@ def _train_settings(args: argparse.Namespace) -> Any:
 
 def cmd_ask(args: argparse.Namespace) -> int:
     """Answer instructions with a trained run or an untuned base model."""
-    from .answerer import load_answerer
+    from instructlm.answering.answerer import load_answerer
 
     quiet_libraries()
     decode = _decode_settings(args)
@@ -119,7 +119,7 @@ def _prompt_lines() -> Iterator[str]:
 
 
 def _decode_settings(args: argparse.Namespace) -> Any:
-    from .answerer import DecodeSettings
+    from instructlm.answering.answerer import DecodeSettings
 
     decode = DecodeSettings(
         max_new_tokens=args.max_new_tokens, beams=args.beams, sample=args.sample,
@@ -139,10 +139,10 @@ def _decode_label(args: argparse.Namespace) -> str:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Score a run's answers to held-out instructions (its own, or those in FILE)."""
-    from .answerer import load_answerer
-    from .evaluate import eval_set_for, evaluate
-    from .report import eval_table, results_page, write_text
-    from .scores import describe_summary
+    from instructlm.answering.answerer import load_answerer
+    from instructlm.measuring.evaluate import eval_set_for, evaluate
+    from instructlm.measuring.report import eval_table, results_page, write_text
+    from instructlm.measuring.scores import describe_summary
 
     quiet_libraries()
     decode = _decode_settings(args)
@@ -166,8 +166,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Score several runs and base models under several decodings, side by side."""
-    from .evaluate import compare, eval_set_for, parse_decodes
-    from .report import compare_table, results_page, write_text
+    from instructlm.measuring.evaluate import compare, eval_set_for, parse_decodes
+    from instructlm.measuring.report import compare_table, results_page, write_text
 
     quiet_libraries()
     decodes = parse_decodes(args.decode, args.max_new_tokens)
@@ -190,9 +190,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_curve(args: argparse.Namespace) -> int:
     """Train on growing parts of FILE and plot how the held-out scores grow."""
-    from .answerer import DecodeSettings
-    from .curve import learning_curve
-    from .report import compare_table, plot_curve, results_page, write_text
+    from instructlm.answering.answerer import DecodeSettings
+    from instructlm.curve import learning_curve
+    from instructlm.measuring.report import (
+        compare_table,
+        plot_curve,
+        results_page,
+        write_text,
+    )
 
     quiet_libraries()
     settings = _train_settings(args)
@@ -225,7 +230,7 @@ def cmd_curve(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Check an instruction file: counts, token lengths, warnings."""
-    from .inspection import inspect_file
+    from instructlm.measuring.inspection import inspect_file
 
     quiet_libraries()
     report = inspect_file(args.file, base=args.base, template=args.template,
@@ -253,7 +258,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     """Merge a LoRA run's adapter into its base model: a standalone run."""
-    from .adapters import merge
+    from instructlm.model.adapters import merge
 
     quiet_libraries()
     output = merge(args.run, args.output, args.force)
@@ -265,7 +270,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Write a run as one GGUF file (and an Ollama Modelfile) for llama.cpp and friends."""
-    from .export import export
+    from instructlm.export.export_run import export
 
     quiet_libraries()
     done = export(args.run, args.quant, args.output, args.ollama, args.force)
@@ -288,8 +293,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Serve a run over OpenAI's HTTP API, with a web page to try it in a browser."""
     import os
 
-    from .serve.app import serve
-    from .serve.settings import ServeSettings
+    from instructlm.serve.app import serve
+    from instructlm.serve.settings import ServeSettings
 
     quiet_libraries()
     key = args.api_key or os.environ.get(API_KEY_ENV) or None

@@ -13,15 +13,15 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from .answerer import Answerer, DecodeSettings
-from .budget import choose_budget
-from .devices import pick_device, resolve_precision
-from .errors import InstructlmError
-from .evaluate import EvalResult, EvalSet, Report, evaluate
-from .fit import Trainee, fit
-from .formats import EVAL_MARKER, Example, read_instruction_file
-from .scores import describe_summary
-from .train import (
+from instructlm.answering.answerer import Answerer, DecodeSettings
+from instructlm.data.formats import EVAL_MARKER, Example, read_instruction_file
+from instructlm.errors import InstructlmError, Report
+from instructlm.measuring.evaluate import EvalResult, EvalSet, evaluate
+from instructlm.measuring.scores import describe_summary
+from instructlm.model.devices import pick_device, resolve_precision
+from instructlm.training.budget import choose_budget
+from instructlm.training.fit import Trainee, fit
+from instructlm.training.train import (
     TrainSettings,
     encode_reporting,
     load_for_training,

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
+Report = Callable[[str], None]  # where progress and warnings are said to a person
+
 
 class InstructlmError(Exception):
     """An error the command line prints as one clear message, without a traceback."""

@@ -23,10 +23,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import InstructlmError
-from .folders import recover_set_aside, written_beside
-from .formats import Example, InstructionSet, read_instruction_file
-from .scores import describe_summary
+from instructlm.data.formats import Example, InstructionSet, read_instruction_file
+from instructlm.data.templates import Template
+from instructlm.errors import InstructlmError
+from instructlm.folders import recover_set_aside, written_beside
 
 RUN_FILE = "instructlm.json"
 LOSS_FILE = "losses.jsonl"
@@ -171,39 +171,6 @@ def read_run_info(run: str | Path) -> dict[str, Any]:
                               hint="train the run again") from None
 
 
-def model_card(info: dict[str, Any], answers: list[dict[str, Any]]) -> str:
-    """A short README for the run: what it is, how it was made, how to ask it.
-
-    `answers` are scored rows (instruction, expected, answer) from the end of training.
-    """
-    s, d, m = info["settings"], info["data"], info["metrics"]
-    lines = [
-        f"# {info['name']}",
-        "",
-        f"Instruction-tuned with instructlm {info['instructlm_version']} from "
-        f"`{info['base']['name']}` on `{d['file']}` "
-        f"({d['n_train']} training, {d['n_eval']} evaluation examples).",
-        "",
-        "## Ask it",
-        "",
-        f"    instructlm ask {info['name']} \"your instruction\"",
-        "",
-        "## How it was trained",
-        "",
-        f"- template: `{info['template']['name']}`",
-        *(f"- {k}: {v}" for k, v in s.items()),
-        f"- data SHA-256: `{d['sha256']}`",
-        f"- final training loss: {m.get('final_train_loss')}",
-        f"- eval loss per epoch: {m.get('eval_loss')}",
-        f"- training time: {m.get('train_seconds')} s",
-    ]
-    if m.get("answer_scores"):
-        lines += [f"- answers at the end: {describe_summary(m['answer_scores'])}"]
-    if answers:
-        lines += ["", "## Sample answers", "", "| instruction | expected | answer |",
-                  "|---|---|---|"]
-        for a in answers:
-            cells = [a["instruction"], a["expected"], a["answer"]]
-            lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ")
-                                            for c in cells) + " |")
-    return "\n".join(lines) + "\n"
+def run_template(source: str | Path) -> Template | None:
+    """The template a run was taught in; None for a model folder or hub id."""
+    return Template.from_dict(read_run_info(source)["template"]) if is_run(source) else None

@@ -12,10 +12,9 @@ import secrets
 import socket
 import time
 import uuid
+from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any, AsyncIterator, Callable
-
-from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,16 +22,22 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from .. import __version__
-from ..answerer import Answer, Answerer
-from ..errors import InstructlmError
-from ..formats import Example
-from . import schema as api
-from .body_limit import BodyLimit
-from .metrics import CountRequests, Metrics
-from .planner import Answering, Models, Plan, chat_example, completion_examples
-from .schema import ApiError
-from .settings import SHUTDOWN_GRACE_S, ServeSettings
+from instructlm import __version__
+from instructlm.answering.answerer import Answer, Answerer
+from instructlm.data.formats import Example
+from instructlm.errors import InstructlmError
+from instructlm.serve import schema as api
+from instructlm.serve.body_limit import BodyLimit
+from instructlm.serve.metrics import CountRequests, Metrics
+from instructlm.serve.planner import (
+    Answering,
+    Models,
+    Plan,
+    chat_example,
+    completion_examples,
+)
+from instructlm.serve.schema import ApiError
+from instructlm.serve.settings import SHUTDOWN_GRACE_S, ServeSettings
 
 
 def error_response(status: int, message: str, kind: str = "invalid_request_error",
@@ -323,8 +328,8 @@ def serve(spec: str, settings: ServeSettings, host: str = "127.0.0.1", port: int
           compare_base: bool = False, trust_remote_code: bool = False,
           report: Callable[[str], None] = print, device: str = "auto") -> None:
     """Load the run (and with `compare_base` its untuned base) and serve until interrupted."""
-    from ..answerer import load_answerer, load_untuned_base
-    from ..runs import is_run
+    from instructlm.answering.answerer import load_answerer, load_untuned_base
+    from instructlm.runs import is_run
 
     if compare_base and not is_run(spec):
         raise InstructlmError(f"{spec} is not a trained run: --compare-base shows a run "

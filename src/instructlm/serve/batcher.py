@@ -25,11 +25,10 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ..answerer import Answerer, DecodeSettings
-from ..architectures import architecture
-from ..base import cache_argument
-from ..formats import Example
-
+from instructlm.answering.answerer import Answerer, DecodeSettings
+from instructlm.data.formats import Example
+from instructlm.model.architectures import architecture
+from instructlm.model.base import cache_argument
 
 MAX_OPENINGS = 16  # prompt openings whose keys and values are kept (a few MB each)
 
@@ -346,7 +345,11 @@ def _joinable(model: Any) -> bool:
 
 
 def _warpers(decode: DecodeSettings) -> Any:
-    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+    from transformers import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     return LogitsProcessorList([TemperatureLogitsWarper(decode.temperature),
                                 TopPLogitsWarper(decode.top_p)])

@@ -16,15 +16,20 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, AsyncIterator
 
-from ..answerer import MIN_TEMPERATURE, Answer, Answerer, DecodeSettings
-from ..errors import InstructlmError
-from ..formats import Example
-from ..textcut import TextCutter
-from . import schema as api
-from .batcher import Batcher, QueueFull, QueueTimeout, Row
-from .metrics import Metrics
-from .schema import ApiError
-from .settings import ServeSettings
+from instructlm.answering.answerer import (
+    MIN_TEMPERATURE,
+    Answer,
+    Answerer,
+    DecodeSettings,
+)
+from instructlm.answering.textcut import TextCutter
+from instructlm.data.formats import Example
+from instructlm.errors import InstructlmError
+from instructlm.serve import schema as api
+from instructlm.serve.batcher import Batcher, QueueFull, QueueTimeout, Row
+from instructlm.serve.metrics import Metrics
+from instructlm.serve.schema import ApiError
+from instructlm.serve.settings import ServeSettings
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import InstructlmError
+from instructlm.errors import InstructlmError
 
 BODY_TIMEOUT_S = 15.0  # to send the whole body of a request: else 408
 SHUTDOWN_GRACE_S = 30.0  # on SIGTERM or Ctrl-C: running answers get this long to finish

@@ -8,8 +8,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
-from .evaluate import EvalResult
-from .scores import fraction
+from instructlm.measuring.evaluate import EvalResult
+from instructlm.measuring.scores import fraction
 
 YES, NO = "✓", "✗"
 

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import InstructionFileError
+from instructlm.errors import InstructionFileError
 
 EVAL_MARKER = "_EVAL_"
 JSONL_SUFFIXES = {".jsonl", ".ndjson", ".json"}

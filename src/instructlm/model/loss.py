@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from .architectures import architecture
-from .base import cache_argument
-from .batches import collate, packed_row, packing_pays, shared_prefix_length
-from .encode import IGNORE_INDEX, EncodedExample
-
+from instructlm.data.batches import (
+    collate,
+    packed_row,
+    packing_pays,
+    shared_prefix_length,
+)
+from instructlm.data.encode import IGNORE_INDEX, EncodedExample
+from instructlm.model.architectures import architecture
+from instructlm.model.base import cache_argument
 
 # How a batch's loss averages its tokens. "token": every labelled token alike, as Hugging
 # Face does. "example": each example's mean, then the mean over the examples, so that an

@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import InstructlmError
-from .formats import Example
-from .templates import Template, around_instruction
+from instructlm.data.formats import Example
+from instructlm.data.templates import Template, around_instruction
+from instructlm.errors import InstructlmError
 
 
 @dataclass(frozen=True)

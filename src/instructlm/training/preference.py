@@ -24,10 +24,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .architectures import architecture
-from .batches import collate_pairs
-from .encode import IGNORE_INDEX, EncodedPair
-from .loss import autocast
+from instructlm.data.batches import collate_pairs
+from instructlm.data.encode import IGNORE_INDEX, EncodedPair
+from instructlm.model.architectures import architecture
+from instructlm.model.loss import autocast
 
 METHODS = ("sft", "dpo", "orpo")
 DEFAULT_BETA = 0.1
@@ -121,8 +121,9 @@ def with_references(model: Any, pairs: list[EncodedPair], batch_size: int, pad_i
                     device: str, precision: str, adapted: Any = None) -> list[EncodedPair]:
     """`pairs` with the reference model's log-probabilities of both answers: `model` as it
     is now (before training), with LoRA adapters (`adapted`) switched off."""
-    import torch
     from contextlib import nullcontext
+
+    import torch
 
     out: list[EncodedPair] = []
     was_training = model.training

@@ -16,9 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .errors import InstructlmError
-from .formats import Example
-from .templates import Template, around_instruction, render_prompt
+from instructlm.data.formats import Example
+from instructlm.data.templates import Template, around_instruction, render_prompt
+from instructlm.errors import InstructlmError
 
 IGNORE_INDEX = -100  # label value that PyTorch's cross-entropy skips
 

@@ -12,16 +12,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from .adapters import is_adapter_run, load_merged
-from .base import EMBEDDED, load_model, load_tokenizer, resolve_base
-from .decode_loop import answers_as_they_end, can_drop_finished
-from .devices import pick_device
-from .encode import encode_prompt, opening_length
-from .errors import InstructlmError
-from .formats import Example
-from .runs import is_run, read_run_info, recover_hidden
-from .templates import Template, choose_template, render_prompt
-from .textcut import TextCutter
+from instructlm.answering.decode_loop import answers_as_they_end, can_drop_finished
+from instructlm.answering.textcut import TextCutter
+from instructlm.data.encode import encode_prompt, opening_length
+from instructlm.data.formats import Example
+from instructlm.data.templates import Template, choose_template, render_prompt
+from instructlm.errors import InstructlmError
+from instructlm.model.adapters import is_adapter_run, load_merged
+from instructlm.model.base import EMBEDDED, load_model, load_tokenizer, resolve_base
+from instructlm.model.devices import pick_device
+from instructlm.runs import is_run, read_run_info, recover_hidden
 
 # Instructions decoded together. Answering is bound by reading the weights once per token, so a
 # batch costs little more than one answer.
@@ -69,7 +69,9 @@ class Answerer:
     """A model, its tokenizer and the template it was taught with."""
 
     def __init__(self, model: Any, tokenizer: Any, template: Template, name: str) -> None:
-        from .weight_first import use_weight_first  # imports torch: only once a model is here
+        from instructlm.model.weight_first import (
+            use_weight_first,  # imports torch: only once a model is here
+        )
 
         self.model = use_weight_first(model.eval())
         self.tokenizer = tokenizer

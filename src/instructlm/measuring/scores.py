@@ -33,7 +33,7 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
-from .formats import Check, Example
+from instructlm.data.formats import Check, Example
 
 # A run of letters, a run of digits, or one other visible character.
 _TOKEN = re.compile(r"[^\W\d_]+|\d+|[^\w\s]|_")

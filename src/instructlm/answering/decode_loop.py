@@ -22,9 +22,9 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterator
 
-from .architectures import architecture
-from .base import cache_argument
-from .batches import shared_opening_first
+from instructlm.data.batches import shared_opening_first
+from instructlm.model.architectures import architecture
+from instructlm.model.base import cache_argument
 
 MAX_NGRAM = 3  # the longest run of last tokens looked up in the text so far
 MAX_GUESS = 32  # tokens proposed at most: past this a check costs more than it saves

@@ -12,19 +12,17 @@ import itertools
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any, Callable, Iterator
 
-from . import checkpoints
-from .batches import collate_any
-from .distributed import Shard
-from .encode import EncodedExample, EncodedPair
-from .evaluate import Report
-from .loss import mean_loss
-from .optimize import TrainStep
-from .preference import pair_metrics
-
-if TYPE_CHECKING:
-    from .train import TrainSettings
+from instructlm.data.batches import collate_any
+from instructlm.data.encode import EncodedExample, EncodedPair
+from instructlm.errors import Report
+from instructlm.model.loss import mean_loss
+from instructlm.training import checkpoints
+from instructlm.training.distributed import Shard
+from instructlm.training.optimize import TrainStep
+from instructlm.training.preference import pair_metrics
+from instructlm.training.settings import TrainSettings
 
 
 @dataclass

@@ -8,18 +8,26 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-from .answerer import BATCH_SIZE, Answerer, DecodeSettings, load_answerer
-from .encode import encode_examples
-from .errors import InstructlmError
-from .formats import Example, read_instruction_file
-from .loss import mean_loss
-from .runs import is_run, read_run_examples, read_run_info
-from .scores import FormatJudge, score_answer, summarize, taught_answers
-from .templates import Template
-
-Report = Callable[[str], None]  # where progress and warnings are said
+from instructlm.answering.answerer import (
+    BATCH_SIZE,
+    Answerer,
+    DecodeSettings,
+    load_answerer,
+)
+from instructlm.data.encode import encode_examples
+from instructlm.data.formats import Example, read_instruction_file
+from instructlm.data.templates import Template
+from instructlm.errors import InstructlmError, Report
+from instructlm.measuring.scores import (
+    FormatJudge,
+    score_answer,
+    summarize,
+    taught_answers,
+)
+from instructlm.model.loss import mean_loss
+from instructlm.runs import is_run, read_run_examples, read_run_info
 
 
 @dataclass

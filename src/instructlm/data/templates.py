@@ -10,8 +10,8 @@ import string
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from .errors import InstructlmError
-from .formats import Example
+from instructlm.data.formats import Example
+from instructlm.errors import InstructlmError
 
 VARIABLES = ("instruction", "input")
 
@@ -144,16 +144,15 @@ def training_template(tokenizer: Any, examples: list[Example], lora: bool = Fals
     return NAMED_TEMPLATES["seed-en"]
 
 
-def template_to_teach(spec: str, source: str, tokenizer: Any, examples: list[Example],
-                      lora: bool = False) -> Template:
+def template_to_teach(spec: str, tokenizer: Any, examples: list[Example], lora: bool = False,
+                      base_template: Template | None = None) -> Template:
     """The template `train` teaches in: `spec` when it is not "auto"; else a tuned run given
-    as the base goes on in its own template, and a new run gets `training_template`'s."""
+    as the base (whose template is `base_template`) goes on in its own template, and a new
+    run gets `training_template`'s."""
     if spec != "auto":
         return parse_template(spec)
-    from .runs import is_run, read_run_info
-
-    if is_run(source):
-        return Template.from_dict(read_run_info(source)["template"])
+    if base_template is not None:
+        return base_template
     return training_template(tokenizer, examples, lora)
 
 

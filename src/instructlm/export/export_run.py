@@ -12,10 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import InstructlmError
-from .exported_prompt import gguf_chat_template, modelfile
-from .folders import file_written_beside
-from .gguf_file import DEFAULT_QUANT, check_exportable, write_gguf
+from instructlm.errors import InstructlmError
+from instructlm.export.exported_prompt import gguf_chat_template, modelfile
+from instructlm.export.gguf_file import (
+    DEFAULT_QUANT,
+    check_exportable,
+    write_gguf,
+)
+from instructlm.folders import file_written_beside
 
 MODELFILE = "Modelfile"
 README = "README.md"  # beside the Modelfile: what the export is and how to run it
@@ -30,8 +34,8 @@ class Exported:
 
 def export(run: str | Path, quant: str = DEFAULT_QUANT, output: str | Path | None = None,
            ollama: str | Path | None = None, force: bool = False) -> Exported:
-    from .answerer import DecodeSettings, load_answerer
-    from .runs import is_run, read_run_info
+    from instructlm.answering.answerer import DecodeSettings, load_answerer
+    from instructlm.runs import is_run, read_run_info
 
     run = Path(run)
     if not is_run(run):
@@ -79,7 +83,7 @@ def gguf_from(folder: Path, gguf: Path) -> str:
 def _readme(run: Path, info: dict[str, Any], gguf: str, quant: str,
             end_token: str | None) -> str:
     """What the exported folder holds, where it came from, and how to run it."""
-    from . import __version__
+    from instructlm import __version__
 
     data, name = info["data"], run.name.lower()
     stops = (f"Its answers end with `{end_token}`, the token its training appended to every "
@@ -119,8 +123,8 @@ def _check_before_loading(run: Path, info: dict[str, Any], quant: str) -> None:
     """Refuse what cannot be exported from the config and tokenizer alone."""
     from transformers import AutoConfig
 
-    from .adapters import is_adapter_run
-    from .base import load_tokenizer, resolve_base
+    from instructlm.model.adapters import is_adapter_run
+    from instructlm.model.base import load_tokenizer, resolve_base
 
     trust = info["settings"].get("trust_remote_code", False)
     source = resolve_base(info["base"]["spec"]) if is_adapter_run(run) else str(run)

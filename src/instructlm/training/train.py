@@ -15,13 +15,45 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from . import __version__, checkpoints
-from .adapters import LoraSettings, adapter_summary, add_lora, load_weights
-from .answerer import Answerer
-from .base import EMBEDDED, EMBEDDED_NAME, load_tokenizer, resolve_base
-from .budget import DEFAULT_SCHEDULE, MIN_STEPS, SCHEDULES, Budget, choose_budget
-from .devices import PRECISIONS, pick_device, resolve_precision
-from .distributed import (
+from instructlm import __version__
+from instructlm.answering.answerer import Answerer
+from instructlm.data.encode import (
+    EncodedExample,
+    EncodedPair,
+    encode_examples,
+    encode_pairs,
+)
+from instructlm.data.formats import Example, InstructionSet, read_instruction_file
+from instructlm.data.templates import Template, template_to_teach
+from instructlm.errors import InstructlmError, Report
+from instructlm.measuring.evaluate import EvalResult, EvalSet, evaluate
+from instructlm.measuring.scores import describe_summary
+from instructlm.model.adapters import (
+    adapter_summary,
+    add_lora,
+    load_weights,
+)
+from instructlm.model.base import EMBEDDED, EMBEDDED_NAME, load_tokenizer, resolve_base
+from instructlm.model.devices import pick_device, resolve_precision
+from instructlm.runs import (
+    DATA_FILE,
+    LOSS_FILE,
+    RUN_FILE,
+    check_free_space,
+    check_output,
+    output_lock,
+    run_template,
+    staged_run,
+    write_examples,
+    write_json,
+    write_losses,
+)
+from instructlm.training import checkpoints
+from instructlm.training.budget import (
+    Budget,
+    choose_budget,
+)
+from instructlm.training.distributed import (
     broadcast_object_list,
     fsdp_plugin,
     gather_objects,
@@ -29,125 +61,14 @@ from .distributed import (
     main_process,
     make_accelerator,
 )
-from .encode import EncodedExample, EncodedPair, encode_examples, encode_pairs
-from .errors import InstructlmError
-from .evaluate import EvalResult, EvalSet, Report, evaluate
-from .fit import Trainee, fit
-from .formats import Example, InstructionSet, read_instruction_file
-from .layer_decay import LAYER_DECAY
-from .loss import AVERAGES, DEFAULT_AVERAGE
-from .optimize import TrainStep
-from .preference import (
-    DEFAULT_BETA,
-    DEFAULT_NLL_WEIGHT,
-    METHODS,
+from instructlm.training.fit import Trainee, fit
+from instructlm.training.model_card import model_card
+from instructlm.training.optimize import TrainStep
+from instructlm.training.preference import (
     PreferenceObjective,
     with_references,
 )
-from .runs import (
-    DATA_FILE,
-    LOSS_FILE,
-    RUN_FILE,
-    check_free_space,
-    check_output,
-    model_card,
-    output_lock,
-    staged_run,
-    write_examples,
-    write_json,
-    write_losses,
-)
-from .scores import describe_summary
-from .templates import Template, template_to_teach
-
-FULL_LR = 1e-4  # 2e-4 won on the tuning half, lost on the check half: docs/benchmarks.md
-LORA_LR = 2e-3  # adapters start at zero and are few: they need larger steps
-# DPO moves a tuned model away from its own answers: far smaller steps than teaching
-# (TRL's default is 1e-6 for large models). ORPO teaches from a base, as supervised
-# training does, and takes its rates.
-DPO_LR = 2e-5
-DPO_LORA_LR = 2e-4
-DPO_EPOCHS = 3  # TRL's default too
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """Every setting of a run; saved in the run so it can be reproduced."""
-
-    base: str = EMBEDDED
-    template: str = "auto"  # auto: seed-en; chat for LoRA and for examples with earlier turns
-    epochs: int | None = None  # None: chosen from the file's size (budget.py)
-    min_steps: int = MIN_STEPS  # with epochs None: train at least this many steps
-    schedule: str = DEFAULT_SCHEDULE  # of the learning rate after warm-up: budget.SCHEDULES
-    lr: float | None = None  # None: FULL_LR, or LORA_LR with lora (DPO: DPO_LR, DPO_LORA_LR)
-    layer_decay: float = LAYER_DECAY  # each layer's rate as a multiple of the one above
-    batch_size: int = 8
-    max_length: int = 512
-    seed: int = 42
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    precision: str = "auto"  # auto | bf16 | fp16 | fp32
-    device: str = "auto"  # auto: a CUDA GPU if there is one, else the CPU
-    trust_remote_code: bool = False
-    end_token: bool = True  # False: the tutorial's way, the model never learns to stop
-    # True: the instruction is learned too, not only the response (encode.py); supervised
-    # runs only. Off: on the suite it made no more answers right (docs/benchmarks.md).
-    prompt_loss: bool = False
-    loss_average: str = DEFAULT_AVERAGE  # how a batch's loss averages its tokens: loss.AVERAGES
-    lora: bool = False  # train LoRA adapters on frozen base weights instead of every weight
-    lora_rank: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_targets: str = "auto"  # module names separated by commas; auto: per architecture
-    save_every: int = 0  # steps between checkpoints (0: none); see checkpoints.py
-    method: str = "sft"  # sft: supervised; dpo or orpo: from preference pairs (preference.py)
-    beta: float = DEFAULT_BETA  # DPO's beta, ORPO's lambda
-    nll_weight: float = DEFAULT_NLL_WEIGHT  # DPO: the chosen answers' cross-entropy added
-
-    def resolved(self) -> "TrainSettings":
-        """These settings with the defaults that depend on others filled in."""
-        if self.method == "dpo":
-            return replace(self, lr=self.lr or (DPO_LORA_LR if self.lora else DPO_LR))
-        return replace(self, lr=self.lr or (LORA_LR if self.lora else FULL_LR))
-
-    @property
-    def preference(self) -> bool:
-        return self.method != "sft"
-
-    def lora_settings(self) -> LoraSettings:
-        return LoraSettings(self.lora_rank, self.lora_alpha, self.lora_dropout,
-                            self.lora_targets)
-
-    def check(self) -> None:
-        """Refuse settings that cannot train, before anything is loaded."""
-        problems = [f"--{name.replace('_', '-')} must be {rule}" for name, ok, rule in (
-            ("epochs", self.epochs is None or self.epochs >= 1, "at least 1"),
-            ("min_steps", self.min_steps >= 1, "at least 1"),
-            ("schedule", self.schedule in SCHEDULES, " or ".join(SCHEDULES)),
-            ("lr", self.lr is None or self.lr > 0, "above 0"),
-            ("layer_decay", 0 < self.layer_decay <= 1, "in (0, 1]"),
-            ("batch_size", self.batch_size >= 1, "at least 1"),
-            ("max_length", self.max_length >= 2, "at least 2"),
-            ("warmup_ratio", 0 <= self.warmup_ratio < 1, "in [0, 1)"),
-            ("weight_decay", self.weight_decay >= 0, "0 or more"),
-            ("precision", self.precision in PRECISIONS, " or ".join(PRECISIONS)),
-            ("loss_average", self.loss_average in AVERAGES, " or ".join(AVERAGES)),
-            ("lora_rank", self.lora_rank >= 1, "at least 1"),
-            ("lora_alpha", self.lora_alpha > 0, "above 0"),
-            ("lora_dropout", 0 <= self.lora_dropout < 1, "in [0, 1)"),
-            ("save_every", self.save_every >= 0, "0 or more"),
-            ("method", self.method in METHODS, " or ".join(METHODS)),
-            ("beta", self.beta > 0, "above 0"),
-            ("nll_weight", self.nll_weight >= 0, "0 or more"),
-            # A pair's two answers share their prompt: there is nothing in it to prefer.
-            ("prompt_loss", not (self.prompt_loss and self.preference),
-             "off for --method dpo and orpo"),
-            # A preference loss is a mean over pairs; it has no tokens to average.
-            ("loss_average", self.loss_average == "token" or not self.preference,
-             "token for --method dpo and orpo"),
-        ) if not ok]
-        if problems:
-            raise InstructlmError("; ".join(problems))
+from instructlm.training.settings import DPO_EPOCHS, TrainSettings
 
 
 def default_output(file: str | Path) -> Path:
@@ -381,8 +302,8 @@ def load_tokenizer_and_template(settings: TrainSettings, data: InstructionSet,
     """The base model's source, its tokenizer, and the template the examples are shown in."""
     source = resolve_base(settings.base)
     tokenizer = load_tokenizer(source, settings.trust_remote_code)
-    template = template_to_teach(settings.template, source, tokenizer, data.train,
-                                 settings.lora)
+    template = template_to_teach(settings.template, tokenizer, data.train, settings.lora,
+                                 run_template(source))
     if template.name != "chat" and any(ex.history for ex in data.train):
         report(f"warning: earlier chat turns are not shown by the {template.name} template; "
                "use --template chat to train on them")

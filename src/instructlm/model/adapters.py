@@ -15,10 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .architectures import architecture
-from .errors import InstructlmError
-
-ADAPTER_CONFIG = "adapter_config.json"
+from instructlm.errors import InstructlmError
+from instructlm.model.architectures import architecture
+from instructlm.model.base import (
+    ADAPTER_CONFIG,
+    load_model,
+    load_tokenizer,
+    resolve_base,
+)
 
 
 @dataclass(frozen=True)
@@ -70,8 +74,6 @@ def load_merged(run: str | Path, base_spec: str, trust_remote_code: bool = False
     """A LoRA run's base model with the run's adapter merged into its weights."""
     from peft import PeftModel
 
-    from .base import resolve_base
-
     try:
         source = resolve_base(base_spec)
     except InstructlmError as err:
@@ -87,8 +89,7 @@ def load_merged(run: str | Path, base_spec: str, trust_remote_code: bool = False
 def load_weights(source: str, trust_remote_code: bool = False, dtype: Any = None) -> Any:
     """A model folder or hub id as `base.load_model` loads it; a LoRA run as its base with
     the run's adapter merged (a run trained from a LoRA run, in turn, from its own)."""
-    from .base import load_model
-    from .runs import read_run_info
+    from instructlm.runs import read_run_info
 
     if not is_adapter_run(source):
         return load_model(source, trust_remote_code, dtype)
@@ -108,8 +109,15 @@ def _quiet() -> Iterator[None]:
 
 def merge(run: str | Path, output: str | Path | None = None, force: bool = False) -> Path:
     """Write a LoRA run's merged model as a standalone run (default: RUN-merged)."""
-    from .base import load_tokenizer
-    from .runs import DATA_FILE, LOSS_FILE, RUN_FILE, is_run, read_run_info, staged_run, write_json
+    from instructlm.runs import (
+        DATA_FILE,
+        LOSS_FILE,
+        RUN_FILE,
+        is_run,
+        read_run_info,
+        staged_run,
+        write_json,
+    )
 
     run = Path(run)
     if not is_run(run):

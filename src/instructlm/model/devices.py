@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from functools import lru_cache
 
-from .errors import InstructlmError
+from instructlm.errors import InstructlmError
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 

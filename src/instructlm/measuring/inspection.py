@@ -6,8 +6,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .encode import encode_examples
-from .formats import read_instruction_file
+from instructlm.data.encode import encode_examples
+from instructlm.data.formats import read_instruction_file
 
 TOKEN_COUNT_MAX_LENGTH = 1_000_000  # count everything; truncation is train's business
 
@@ -25,12 +25,14 @@ def inspect_file(file: str | Path, base: str | None = None, template: str | None
     }
     if not tokens:
         return report
-    from .base import load_tokenizer, resolve_base
-    from .templates import template_to_teach
+    from instructlm.data.templates import template_to_teach
+    from instructlm.model.base import load_tokenizer, resolve_base
+    from instructlm.runs import run_template
 
     source = resolve_base(base)
     tokenizer = load_tokenizer(source)
-    chosen = template_to_teach(template or "auto", source, tokenizer, data.train)
+    chosen = template_to_teach(template or "auto", tokenizer, data.train,
+                               base_template=run_template(source))
     report["template"] = chosen.name
     report["token_stats"] = {}
     for split, examples in (("train", data.train), ("eval", data.eval)):

@@ -15,8 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .architectures import ARCHITECTURES, UNKNOWN
-from .errors import InstructlmError
+from instructlm.errors import InstructlmError
+from instructlm.model.architectures import ARCHITECTURES, UNKNOWN
 
 QUANTS = ("f16", "q8_0", "q4_k_m")
 DEFAULT_QUANT = "q8_0"  # written in pure Python, about half of f16's size, near its answers

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .encode import IGNORE_INDEX, EncodedExample, EncodedPair
+from instructlm.data.encode import IGNORE_INDEX, EncodedExample, EncodedPair
 
 MIN_SHARED_PREFIX = 8  # tokens; below this the extra call costs more than it saves
 

@@ -11,10 +11,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .budget import make_scheduler
-from .errors import InstructlmError
-from .layer_decay import LAYER_DECAY, parameter_groups
-from .loss import DEFAULT_AVERAGE, batch_loss
+from instructlm.errors import InstructlmError
+from instructlm.model.loss import DEFAULT_AVERAGE, batch_loss
+from instructlm.training.budget import make_scheduler
+from instructlm.training.layer_decay import LAYER_DECAY, parameter_groups
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ class TrainStep:
                  layer_decay: float = LAYER_DECAY) -> None:
         import torch
 
-        from .distributed import shard_model
+        from instructlm.training.distributed import shard_model
 
         self.model = model
         self.accelerator, self.fsdp = accelerator, fsdp is not None

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .errors import InstructlmError
+from instructlm.errors import InstructlmError
 
 
 def launched() -> bool:

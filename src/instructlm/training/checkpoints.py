@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import InstructlmError
-from .folders import recover_set_aside, written_beside
+from instructlm.errors import InstructlmError
+from instructlm.folders import recover_set_aside, written_beside
 
 STATE_FILE = "state.json"
 TENSORS_FILE = "training_state.pt"
