@@ -11,9 +11,9 @@ import torch
 from conftest import EIGHT_FACTS, tiny_settings
 from safetensors.torch import load_file
 
-from instructlm import checkpoints
 from instructlm.cli import main
 from instructlm.errors import InstructlmError
+from instructlm.training import checkpoints
 from instructlm.training.optimize import TrainStep
 from instructlm.training.train import resume, train
 

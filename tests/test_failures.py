@@ -15,13 +15,13 @@ from conftest import TINY_FILE, tiny_settings
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from instructlm import checkpoints
 from instructlm.answering.answerer import load_answerer
 from instructlm.data.encode import encode_examples
 from instructlm.data.formats import Example, read_instruction_file
 from instructlm.data.templates import choose_template
 from instructlm.errors import InstructionFileError, InstructlmError
 from instructlm.runs import output_lock
+from instructlm.training import checkpoints
 from instructlm.training.train import train
 
 

@@ -201,7 +201,7 @@ def test_orpo_from_a_base_learns_the_chosen_answers(tmp_path, write, tiny_base):
 def test_dpo_resumes_from_a_checkpoint_as_if_never_stopped(tmp_path, write, sft_run):
     import shutil
 
-    from instructlm import checkpoints
+    from instructlm.training import checkpoints
     from instructlm.training.train import resume, train
 
     path = write("pairs.txt", PAIRS)

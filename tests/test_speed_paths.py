@@ -10,12 +10,12 @@ import pytest
 import torch
 from conftest import make_tiny_model
 
-from instructlm import devices
-from instructlm import loss as loss_module
 from instructlm.data.batches import collate, packing_pays, shared_prefix_length
 from instructlm.data.encode import IGNORE_INDEX, encode_examples
 from instructlm.data.formats import Example
 from instructlm.data.templates import parse_template
+from instructlm.model import devices
+from instructlm.model import loss as loss_module
 from instructlm.model.loss import batch_loss
 from instructlm.training.optimize import SpeedPaths, TrainStep, clip_gradients
 
@@ -290,7 +290,7 @@ def test_dropping_finished_answers_gives_generates_greedy_answers(tiny_tokenizer
 
 def test_answers_come_in_input_order_as_soon_as_those_before_have_ended(tiny_tokenizer,
                                                                         monkeypatch):
-    from instructlm import answerer as answerer_module
+    from instructlm.answering import answerer as answerer_module
     from instructlm.answering.answerer import Answerer
 
     events = []

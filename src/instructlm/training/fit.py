@@ -76,31 +76,11 @@ def fit(trainee: Trainee, settings: TrainSettings, report: Report, progress: boo
         records, skip = list(resumed.records), resumed.done
 
     def evaluate_epoch(epoch: int, done: int) -> None:
-        # A sharded model answers only when every process takes part. FSDP casts to bf16
-        # itself, and gathers the weights only in the model's forward.
-        if not t.eval_set or not (t.main or t.fsdp is not None):
-            return
-        precision = "fp32" if step.fsdp else t.precision
-        if t.objective is not None:  # held-out pairs: loss and rewards
-            pairs = pair_metrics(t.model, t.eval_set, t.objective, settings.batch_size,
-                                 t.pad_id, t.device, precision, labels_only=not step.fsdp)
-            eval_loss = pairs.pop("loss")
-            rewards = {k: round(v, 5) for k, v in pairs.items()}
-        else:
-            eval_loss = mean_loss(t.model, t.eval_set, settings.batch_size, t.pad_id,
-                                  t.device, precision, labels_only=not step.fsdp)
-            rewards = {}
-        records.append({"step": done, "epoch": epoch, "eval_loss": round(eval_loss, 5),
-                        **rewards})
-        message = (f"epoch {epoch}: train loss {_epoch_mean(records, epoch):.3f}, "
-                   f"eval loss {eval_loss:.3f}")
-        if rewards:
-            message += (f", reward accuracy {rewards['reward_accuracy']:.0%}, margin "
-                        f"{rewards['reward_margin']:+.3f}")
-        if progress:
-            bar.write(message)  # keeps the progress bar intact
-        else:
-            report(message)
+        record = _held_out(t, settings, step, epoch, done)
+        if record is not None:
+            records.append(record)
+            say = bar.write if progress else report  # bar.write keeps the bar intact
+            say(_epoch_message(records, record))
 
     bar = tqdm(total=total, initial=skip, desc="training", unit="step",
                disable=not progress, leave=False)
@@ -131,6 +111,36 @@ def fit(trainee: Trainee, settings: TrainSettings, report: Report, progress: boo
     bar.close()
     step.finish()
     return records, step
+
+
+def _held_out(t: Trainee, settings: TrainSettings, step: TrainStep, epoch: int,
+              done: int) -> dict[str, Any] | None:
+    """The eval record of an epoch: the held-out loss (and, for pairs, the rewards)."""
+    # A sharded model answers only when every process takes part. FSDP casts to bf16
+    # itself, and gathers the weights only in the model's forward.
+    if not t.eval_set or not (t.main or t.fsdp is not None):
+        return None
+    precision = "fp32" if step.fsdp else t.precision
+    if t.objective is not None:  # held-out pairs: loss and rewards
+        pairs = pair_metrics(t.model, t.eval_set, t.objective, settings.batch_size,
+                             t.pad_id, t.device, precision, labels_only=not step.fsdp)
+        eval_loss = pairs.pop("loss")
+        rewards = {k: round(v, 5) for k, v in pairs.items()}
+    else:
+        eval_loss = mean_loss(t.model, t.eval_set, settings.batch_size, t.pad_id,
+                              t.device, precision, labels_only=not step.fsdp)
+        rewards = {}
+    return {"step": done, "epoch": epoch, "eval_loss": round(eval_loss, 5), **rewards}
+
+
+def _epoch_message(records: list[dict[str, Any]], record: dict[str, Any]) -> str:
+    epoch = record["epoch"]
+    message = (f"epoch {epoch}: train loss {_epoch_mean(records, epoch):.3f}, "
+               f"eval loss {record['eval_loss']:.3f}")
+    if "reward_accuracy" in record:
+        message += (f", reward accuracy {record['reward_accuracy']:.0%}, margin "
+                    f"{record['reward_margin']:+.3f}")
+    return message
 
 
 def _batches(n: int, batch_size: int, epochs: int, seed: int
