@@ -12,7 +12,7 @@ PACKAGE = SRC / "instructlm"
 STAGES = ["errors", "folders", "data", "runs", "model", "answering", "measuring", "training",
           "curve", "serve", "export", "arguments", "cli", "__main__"]
 MAX_FUNCTION_LINES = 60
-LONG_ALLOWED = {"arguments.py"}  # the argument parser: one add_argument a line
+LONG_ALLOWED = {("arguments.py", "build_parser")}  # one add_argument a line
 
 
 def module_name(path: Path) -> str:
@@ -86,10 +86,9 @@ def test_no_import_circles_between_modules():
 def test_functions_fit_on_a_screen():
     long = []
     for path in PACKAGE.rglob("*.py"):
-        if path.name in LONG_ALLOWED:
-            continue
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and (
+                    path.name, node.name) not in LONG_ALLOWED:
                 lines = node.end_lineno - node.lineno + 1
                 if lines > MAX_FUNCTION_LINES:
                     long.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name} ({lines})")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from instructlm.answering.answerer import BATCH_SIZE, DecodeSettings
 from instructlm.export.gguf_file import DEFAULT_QUANT, QUANTS
 from instructlm.serve.settings import ServeSettings
+
+if TYPE_CHECKING:
+    from instructlm.training.settings import TrainSettings
 
 EPILOG = "Run 'instructlm COMMAND --help' for the options of a command."
 API_KEY_ENV = "INSTRUCTLM_API_KEY"  # a key in the environment, not in `ps` output
@@ -65,6 +68,10 @@ def _add_training(p: argparse.ArgumentParser) -> None:
                         "over the examples (short answers weigh as much as long ones); "
                         "token, the mean over all tokens")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    _add_lora(p, d)
+
+
+def _add_lora(p: argparse.ArgumentParser, d: TrainSettings) -> None:
     lora = p.add_argument_group("LoRA", "train small adapters beside frozen base weights; the "
                                         "run then stores only the adapter")
     lora.add_argument("--lora", action="store_true", default=None, help="train LoRA adapters")

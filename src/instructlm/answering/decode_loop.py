@@ -72,23 +72,13 @@ def _decode(model: Any, ids: Any, mask: Any, max_new_tokens: int, end_ids: list[
     rows = torch.arange(ids.shape[0], device=ids.device)  # which input row each row is
     answers: list[list[int]] = [[] for _ in range(ids.shape[0])]
     prompts = [r[m.bool()].tolist() for r, m in zip(ids, mask, strict=True)]
-    start, ids, mask = shared_opening_first(ids, mask)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # padding: count real tokens only
     cache = DynamicCache(config=model.config)
     name = cache_argument(model)
-    if start:  # a prompt opening every row shares: run it once, repeat its keys and values
-        model(input_ids=ids[:1, :start], use_cache=True, logits_to_keep=1, **{name: cache})
-        cache.batch_repeat_interleave(ids.shape[0])
-    logits = model(input_ids=ids[:, start:], attention_mask=mask,
-                   position_ids=positions[:, start:], use_cache=True, logits_to_keep=1,
-                   **{name: cache}).logits[:, -1]
-    position = positions[:, -1:] + 1
+    ids, mask, logits, position = _prefill(model, ids, mask, cache, name)
     for step in range(1, max_new_tokens + 1):
         scores = warpers(ids[rows], logits.float())
-        if sample:
-            token = torch.multinomial(scores.softmax(-1), 1).squeeze(1)
-        else:
-            token = scores.argmax(-1)
+        token = (torch.multinomial(scores.softmax(-1), 1).squeeze(1) if sample
+                 else scores.argmax(-1))
         told = []  # rows the caller ended
         for row, t in zip(rows.tolist(), token.tolist(), strict=True):
             answers[row].append(t)
@@ -117,6 +107,21 @@ def _decode(model: Any, ids: Any, mask: Any, max_new_tokens: int, end_ids: list[
         position = position + 1
     for row in rows.tolist():  # the rows still in the batch when it ended
         yield row, answers[row]
+
+
+def _prefill(model: Any, ids: Any, mask: Any, cache: Any, name: str
+             ) -> tuple[Any, Any, Any, Any]:
+    """The prompts run into `cache` (the model's argument `name`): ids and mask with the
+    shared opening first, the last position's logits, and each row's next position."""
+    start, ids, mask = shared_opening_first(ids, mask)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # padding: count real tokens only
+    if start:  # a prompt opening every row shares: run it once, repeat its keys and values
+        model(input_ids=ids[:1, :start], use_cache=True, logits_to_keep=1, **{name: cache})
+        cache.batch_repeat_interleave(ids.shape[0])
+    logits = model(input_ids=ids[:, start:], attention_mask=mask,
+                   position_ids=positions[:, start:], use_cache=True, logits_to_keep=1,
+                   **{name: cache}).logits[:, -1]
+    return ids, mask, logits, positions[:, -1:] + 1
 
 
 def _finish_by_lookup(model: Any, cache: dict[str, Any], prompt: list[int],

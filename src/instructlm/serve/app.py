@@ -70,7 +70,14 @@ def create_app(models: dict[str, Answerer], settings: ServeSettings = ServeSetti
     app.add_middleware(CountRequests, metrics=metrics)  # outermost: it sees every status
     app.state.served = served
     _add_error_handlers(app)
+    check_key = _key_check(settings)
+    app.include_router(_api_routes(served, check_key))
+    app.include_router(_page_routes(served, settings, metrics, check_key))
+    return app
 
+
+def _key_check(settings: ServeSettings) -> Callable[[Request], None]:
+    """The dependency that refuses a request without the API key, when one is set."""
     def check_key(request: Request) -> None:
         if settings.api_key is None:
             return
@@ -80,7 +87,11 @@ def create_app(models: dict[str, Answerer], settings: ServeSettings = ServeSetti
                 given.strip().encode(), settings.api_key.encode()):
             raise ApiError(401, "a valid API key is needed: send 'Authorization: Bearer KEY'",
                            code="invalid_api_key", kind="authentication_error")
+    return check_key
 
+
+def _api_routes(served: Models, check_key: Callable[[Request], None]) -> APIRouter:
+    """OpenAI's routes under /v1: the models, completions and chat completions."""
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)], responses=ERRORS)
 
     @v1.get("/models", response_model=api.ModelList)
@@ -95,27 +106,10 @@ def create_app(models: dict[str, Answerer], settings: ServeSettings = ServeSetti
         raise ApiError(404, f"The model '{model_id}' does not exist", "model",
                        "model_not_found")
 
-    async def answer(request: api.Sampling, examples: list[Example], param: str,
-                     chunks: Any, whole: Any, client: Request) -> Any:
-        """Check the request, queue its answers, then answer as a stream of events (once
-        every answer has its place in the batch) or in one response."""
-        plan = await run_in_threadpool(served.plan, request, examples, param)
-        answering = served.start(plan, request.stream)
-        watch = asyncio.create_task(_watch_disconnect(client, answering))
-        try:
-            if request.stream:
-                await answering.until_placed()
-                return _event_stream(chunks(served, answering, request))
-            answers = await answering.whole()
-        finally:
-            watch.cancel()
-        served.answered(answering)
-        return whole(plan, answers)
-
     @v1.post("/completions", response_model=api.Completion, responses=STREAM)
     async def completions(request: api.CompletionRequest, client: Request) -> Any:
-        return await answer(request, completion_examples(request), "prompt",
-                            _completion_chunks, _completion, client)
+        return await _answer(served, request, completion_examples(request), "prompt",
+                             _completion_chunks, _completion, client)
 
     @v1.post("/chat/completions", response_model=api.ChatCompletion, responses=STREAM)
     async def chat_completions(request: api.ChatRequest, client: Request) -> Any:
@@ -123,29 +117,54 @@ def create_app(models: dict[str, Answerer], settings: ServeSettings = ServeSetti
             request.max_tokens = request.max_completion_tokens
         answerer = served.models.get(request.model or served.default)
         examples = [chat_example(request, answerer)] if answerer else []  # else a 404
-        return await answer(request, examples, "messages", _chat_chunks, _chat_completion,
-                            client)
+        return await _answer(served, request, examples, "messages", _chat_chunks,
+                             _chat_completion, client)
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    return v1
+
+
+async def _answer(served: Models, request: api.Sampling, examples: list[Example], param: str,
+                  chunks: Any, whole: Any, client: Request) -> Any:
+    """Check the request, queue its answers, then answer as a stream of events (once every
+    answer has its place in the batch) or in one response."""
+    plan = await run_in_threadpool(served.plan, request, examples, param)
+    answering = served.start(plan, request.stream)
+    watch = asyncio.create_task(_watch_disconnect(client, answering))
+    try:
+        if request.stream:
+            await answering.until_placed()
+            return _event_stream(chunks(served, answering, request))
+        answers = await answering.whole()
+    finally:
+        watch.cancel()
+    served.answered(answering)
+    return whole(plan, answers)
+
+
+def _page_routes(served: Models, settings: ServeSettings, metrics: Metrics,
+                 check_key: Callable[[Request], None]) -> APIRouter:
+    """The page, the health check and the metrics."""
+    router = APIRouter()
+
+    @router.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def playground() -> HTMLResponse:
         return HTMLResponse(_playground_page(served, settings))
 
-    @app.get("/health", response_model=api.Health)
+    @router.get("/health", response_model=api.Health)
     async def health() -> api.Health:
         """200 while the server runs, at once even while the models are busy; no key needed,
         and nothing told."""
         return api.Health(status="ok")
 
-    @app.get("/metrics", dependencies=[Depends(check_key)], response_class=Response,
-             responses={200: {"content": {"text/plain": {}}}, 401: {"model": api.ErrorBody}})
+    @router.get("/metrics", dependencies=[Depends(check_key)], response_class=Response,
+                responses={200: {"content": {"text/plain": {}}}, 401: {"model": api.ErrorBody}})
     async def prometheus_metrics() -> Response:
         """Requests, tokens, queue depth, batch size and latencies, as Prometheus reads
         them."""
         body, media_type = metrics.text()
         return Response(body, media_type=media_type)
 
-    app.include_router(v1)
-    return app
+    return router
 
 
 async def _watch_disconnect(client: Request, answering: Answering) -> None:

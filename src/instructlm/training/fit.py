@@ -44,12 +44,12 @@ class Trainee:
         return self.accelerator is None or self.accelerator.is_main_process
 
 
-def fit(trainee: Trainee, settings: TrainSettings, report: Report, progress: bool,
+def fit(t: Trainee, settings: TrainSettings, report: Report, progress: bool,
         save_checkpoint: Callable[[int, list[dict[str, Any]], TrainStep], None] | None = None,
         resumed: checkpoints.Checkpoint | None = None
         ) -> tuple[list[dict[str, Any]], TrainStep]:
-    """Train `trainee.model` in place for `settings.epochs`; return the loss records (per
-    step, and eval per epoch) and the finished training step.
+    """Train `t.model` in place for `settings.epochs`; return the loss records (per step,
+    and eval per epoch) and the finished training step.
 
     With `save_checkpoint`, it is called every `settings.save_every` steps; with `resumed`,
     training goes on from that checkpoint as if it had never stopped. With several
@@ -57,14 +57,9 @@ def fit(trainee: Trainee, settings: TrainSettings, report: Report, progress: boo
     """
     from tqdm.auto import tqdm
 
-    t = trainee
     per_epoch = math.ceil(len(t.train_set) / settings.batch_size)
     total = per_epoch * settings.epochs
-    step = TrainStep(t.model, settings.lr, settings.weight_decay, settings.warmup_ratio,
-                     total, t.device, t.precision, settings.schedule,
-                     accelerator=t.accelerator, fsdp=t.fsdp, objective=t.objective,
-                     loss_average=settings.loss_average,
-                     layer_decay=settings.layer_decay)
+    step = _train_step(t, settings, total)
     shard = Shard(t.accelerator)
     # of each in its batch's mean loss: its tokens, or one share per example
     weights = [e.weight if settings.loss_average == "token" else 1 for e in t.train_set]
@@ -84,9 +79,8 @@ def fit(trainee: Trainee, settings: TrainSettings, report: Report, progress: boo
 
     bar = tqdm(total=total, initial=skip, desc="training", unit="step",
                disable=not progress, leave=False)
-    if skip and skip % per_epoch == 0 and not any(
-            r.get("epoch") == skip // per_epoch and "eval_loss" in r for r in records):
-        evaluate_epoch(skip // per_epoch, skip)  # stopped at an epoch's end, before its eval
+    if _eval_missed(records, skip, per_epoch):
+        evaluate_epoch(skip // per_epoch, skip)
     t.model.train()
     # One process only: several stop as their launcher stops them, as before.
     with _ctrl_c_between_steps(t.accelerator is None) as stop_asked:
@@ -97,9 +91,7 @@ def fit(trainee: Trainee, settings: TrainSettings, report: Report, progress: boo
             batch = collate_any([t.train_set[i] for i in mine], t.pad_id)
             value = step(batch, shard.share(mine, counts, indices, weights))
             records.append({"step": done, "epoch": epoch, "loss": round(value, 5),
-                            "lr": step.lr, "tokens": sum(sum(t.train_set[i].lengths)
-                                                         for i in indices),
-                            "padded_tokens": shard.padded_tokens(indices, t.train_set)})
+                            "lr": step.lr, **_tokens(t, shard, indices)})
             bar.set_postfix(epoch=epoch, loss=f"{value:.3f}", refresh=False)
             bar.update(1)
             if save_checkpoint and done % settings.save_every == 0 and done < total:
@@ -111,6 +103,25 @@ def fit(trainee: Trainee, settings: TrainSettings, report: Report, progress: boo
     bar.close()
     step.finish()
     return records, step
+
+
+def _train_step(t: Trainee, settings: TrainSettings, total: int) -> TrainStep:
+    return TrainStep(t.model, settings.lr, settings.weight_decay, settings.warmup_ratio,
+                     total, t.device, t.precision, settings.schedule,
+                     accelerator=t.accelerator, fsdp=t.fsdp, objective=t.objective,
+                     loss_average=settings.loss_average, layer_decay=settings.layer_decay)
+
+
+def _tokens(t: Trainee, shard: Shard, indices: list[int]) -> dict[str, int]:
+    """A step's tokens, and what its rows held with their padding (several processes)."""
+    return {"tokens": sum(sum(t.train_set[i].lengths) for i in indices),
+            "padded_tokens": shard.padded_tokens(indices, t.train_set)}
+
+
+def _eval_missed(records: list[dict[str, Any]], done: int, per_epoch: int) -> bool:
+    """Whether a run resumed after `done` steps stopped at an epoch's end, before its eval."""
+    return bool(done) and done % per_epoch == 0 and not any(
+        r.get("epoch") == done // per_epoch and "eval_loss" in r for r in records)
 
 
 def _held_out(t: Trainee, settings: TrainSettings, step: TrainStep, epoch: int,
