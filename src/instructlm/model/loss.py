@@ -16,7 +16,7 @@ from instructlm.model.base import cache_argument
 
 # How a batch's loss averages its tokens. "token": every labelled token alike, as Hugging
 # Face does. "example": each example's mean, then the mean over the examples, so that an
-# answer of three words weighs as much as a long one (docs/benchmarks.md). Held-out losses
+# answer of three words weighs as much as a long one (docs/experiments.md). Held-out losses
 # are always per token.
 AVERAGES = ("example", "token")
 DEFAULT_AVERAGE = "token"

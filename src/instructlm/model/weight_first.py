@@ -2,7 +2,7 @@
 
 A decode step multiplies a few rows (one per answer) by every weight matrix. `nn.Linear`
 computes that as x @ W.T; MKL, PyTorch's CPU BLAS, runs the same product written W @ x.T
-much faster for a few rows, and no slower for many (docs/benchmarks.md, 2026-12-02), so
+much faster for a few rows, and no slower for many (docs/experiments.md, 2026-12-02), so
 batched answers and the server's shared steps gain most. Only in inference mode (answers and
 held-out losses), on the CPU, in fp32, and only on a model an Answerer holds: training and
 the GPU run `nn.Linear` unchanged. The two orders round differently in the last bits, so an

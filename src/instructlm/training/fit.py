@@ -159,7 +159,7 @@ def _batches(n: int, batch_size: int, epochs: int, seed: int
     """(step, epoch, example indices, whether it ends its epoch) for every step of a run.
 
     Random batches: grouping them by length would make batches of one family (its examples
-    have similar lengths), and the held-out answers got worse (docs/benchmarks.md). Each
+    have similar lengths), and the held-out answers got worse (docs/experiments.md). Each
     batch is packed into one row without padding instead (batches.py). Every epoch's order
     is drawn from one generator, so a resumed run that skips the steps it has done replays
     the same batches.

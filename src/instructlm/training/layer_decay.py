@@ -5,7 +5,7 @@ fine-tuning", Howard and Ruder, 2018; layer-wise learning-rate decay in BERT fin
 The idea: a small file's format is carried by the top layers, while the lower ones hold
 what the base model knows about words, which a few epochs of the same lines overwrite with
 the file's own items. Off by default: 0.95 tied the defaults on the suite's tuning half and
-lost answers on its check half, spelling words in capitals among them (docs/benchmarks.md).
+lost answers on its check half, spelling words in capitals among them (docs/experiments.md).
 """
 
 from __future__ import annotations

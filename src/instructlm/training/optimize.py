@@ -143,7 +143,7 @@ class TrainStep:
         groups = parameter_groups(self.names, self.numbers.trained, lr, weight_decay,
                                   layer_decay)
         # The fused kernel updates all parameters in one pass; the for-loop default is slow
-        # on a CPU (docs/benchmarks.md, speed and memory).
+        # on a CPU (docs/experiments.md, speed and memory).
         self.optimizer = torch.optim.AdamW(groups, lr=lr, fused=True)
         self.scheduler = make_scheduler(self.optimizer, schedule, warmup_ratio, total_steps)
 

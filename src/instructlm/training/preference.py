@@ -10,7 +10,7 @@ Two objectives, as TRL computes them:
   with LoRA the reference is the base with its adapters switched off. `nll_weight` adds the
   chosen answers' cross-entropy (RPO, Pang et al. 2024; TRL's `sft` loss beside `sigmoid`):
   pure DPO also lowers the chosen answers' likelihood while it widens the gap, and the
-  greedy answers of a small model fell apart (docs/benchmarks.md).
+  greedy answers of a small model fell apart (docs/experiments.md).
 * **ORPO** (Hong et al. 2024), without a reference: the chosen answer's cross-entropy, minus
   `beta * log sigmoid(log odds ratio)` of the two answers' mean token probabilities.
 

@@ -14,7 +14,7 @@ from instructlm.training.budget import DEFAULT_SCHEDULE, MIN_STEPS, SCHEDULES
 from instructlm.training.layer_decay import LAYER_DECAY
 from instructlm.training.preference import DEFAULT_BETA, DEFAULT_NLL_WEIGHT, METHODS
 
-FULL_LR = 1e-4  # 2e-4 won on the tuning half, lost on the check half: docs/benchmarks.md
+FULL_LR = 1e-4  # 2e-4 won on the tuning half, lost on the check half: docs/experiments.md
 LORA_LR = 2e-3  # adapters start at zero and are few: they need larger steps
 # DPO moves a tuned model away from its own answers: far smaller steps than teaching
 # (TRL's default is 1e-6 for large models). ORPO teaches from a base, as supervised
@@ -45,7 +45,7 @@ class TrainSettings:
     trust_remote_code: bool = False
     end_token: bool = True  # False: the tutorial's way, the model never learns to stop
     # True: the instruction is learned too, not only the response (encode.py); supervised
-    # runs only. Off: on the suite it made no more answers right (docs/benchmarks.md).
+    # runs only. Off: on the suite it made no more answers right (docs/experiments.md).
     prompt_loss: bool = False
     loss_average: str = DEFAULT_AVERAGE  # how a batch's loss averages its tokens: loss.AVERAGES
     lora: bool = False  # train LoRA adapters on frozen base weights instead of every weight

@@ -221,7 +221,7 @@ def _budget(settings: TrainSettings, n_train: int) -> Budget:
     """How long to train on `n_train` examples (or pairs)."""
     if settings.method == "dpo" and settings.epochs is None:
         # DPO nudges a run that answers in form already: the minimum of steps that
-        # teaching needs over-fitted the pairs (docs/benchmarks.md)
+        # teaching needs over-fitted the pairs (docs/experiments.md)
         steps = math.ceil(n_train / settings.batch_size) * DPO_EPOCHS
         return Budget(DPO_EPOCHS, steps, f"{DPO_EPOCHS} epochs, {steps} steps, as DPO takes "
                                          "by default")
