@@ -35,12 +35,7 @@ from instructlm.data.batches import collate
 from instructlm.data.encode import encode_examples
 from instructlm.data.formats import read_instruction_file
 from instructlm.data.templates import choose_template
-from instructlm.model.base import (
-    load_model,
-    load_tokenizer,
-    quiet_libraries,
-    resolve_base,
-)
+from instructlm.model.base import load_model, load_tokenizer, quiet_libraries, resolve_base
 from instructlm.model.devices import matmul_gflops
 from instructlm.training.optimize import SpeedPaths, TrainStep
 

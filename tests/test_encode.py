@@ -6,12 +6,7 @@ from __future__ import annotations
 import pytest
 
 from instructlm.data.batches import collate
-from instructlm.data.encode import (
-    IGNORE_INDEX,
-    encode_example,
-    encode_examples,
-    encode_prompt,
-)
+from instructlm.data.encode import IGNORE_INDEX, encode_example, encode_examples, encode_prompt
 from instructlm.data.formats import Example
 from instructlm.data.templates import around_instruction, parse_template, render_prompt
 from instructlm.errors import InstructlmError

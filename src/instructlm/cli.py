@@ -192,12 +192,7 @@ def cmd_curve(args: argparse.Namespace) -> int:
     """Train on growing parts of FILE and plot how the held-out scores grow."""
     from instructlm.answering.answerer import DecodeSettings
     from instructlm.curve import learning_curve
-    from instructlm.measuring.report import (
-        compare_table,
-        plot_curve,
-        results_page,
-        write_text,
-    )
+    from instructlm.measuring.report import compare_table, plot_curve, results_page, write_text
 
     quiet_libraries()
     settings = _train_settings(args)

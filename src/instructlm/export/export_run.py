@@ -14,11 +14,7 @@ from typing import Any
 
 from instructlm.errors import InstructlmError
 from instructlm.export.exported_prompt import gguf_chat_template, modelfile
-from instructlm.export.gguf_file import (
-    DEFAULT_QUANT,
-    check_exportable,
-    write_gguf,
-)
+from instructlm.export.gguf_file import DEFAULT_QUANT, check_exportable, write_gguf
 from instructlm.folders import file_written_beside
 
 MODELFILE = "Modelfile"

@@ -10,22 +10,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from instructlm.answering.answerer import (
-    BATCH_SIZE,
-    Answerer,
-    DecodeSettings,
-    load_answerer,
-)
+from instructlm.answering.answerer import BATCH_SIZE, Answerer, DecodeSettings, load_answerer
 from instructlm.data.encode import encode_examples
 from instructlm.data.formats import Example, read_instruction_file
 from instructlm.data.templates import Template
 from instructlm.errors import InstructlmError, Report
-from instructlm.measuring.scores import (
-    FormatJudge,
-    score_answer,
-    summarize,
-    taught_answers,
-)
+from instructlm.measuring.scores import FormatJudge, score_answer, summarize, taught_answers
 from instructlm.model.loss import mean_loss
 from instructlm.runs import is_run, read_run_examples, read_run_info
 

@@ -17,12 +17,7 @@ from typing import Any, Iterator
 
 from instructlm.errors import InstructlmError
 from instructlm.model.architectures import architecture
-from instructlm.model.base import (
-    ADAPTER_CONFIG,
-    load_model,
-    load_tokenizer,
-    resolve_base,
-)
+from instructlm.model.base import ADAPTER_CONFIG, load_model, load_tokenizer, resolve_base
 
 
 @dataclass(frozen=True)

@@ -4,12 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from instructlm.data.batches import (
-    collate,
-    packed_row,
-    packing_pays,
-    shared_prefix_length,
-)
+from instructlm.data.batches import collate, packed_row, packing_pays, shared_prefix_length
 from instructlm.data.encode import IGNORE_INDEX, EncodedExample
 from instructlm.model.architectures import architecture
 from instructlm.model.base import cache_argument

@@ -29,13 +29,7 @@ from instructlm.errors import InstructlmError
 from instructlm.serve import schema as api
 from instructlm.serve.body_limit import BodyLimit
 from instructlm.serve.metrics import CountRequests, Metrics
-from instructlm.serve.planner import (
-    Answering,
-    Models,
-    Plan,
-    chat_example,
-    completion_examples,
-)
+from instructlm.serve.planner import Answering, Models, Plan, chat_example, completion_examples
 from instructlm.serve.schema import ApiError
 from instructlm.serve.settings import SHUTDOWN_GRACE_S, ServeSettings
 

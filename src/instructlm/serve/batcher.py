@@ -345,11 +345,7 @@ def _joinable(model: Any) -> bool:
 
 
 def _warpers(decode: DecodeSettings) -> Any:
-    from transformers import (
-        LogitsProcessorList,
-        TemperatureLogitsWarper,
-        TopPLogitsWarper,
-    )
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
     return LogitsProcessorList([TemperatureLogitsWarper(decode.temperature),
                                 TopPLogitsWarper(decode.top_p)])

@@ -16,12 +16,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, AsyncIterator
 
-from instructlm.answering.answerer import (
-    MIN_TEMPERATURE,
-    Answer,
-    Answerer,
-    DecodeSettings,
-)
+from instructlm.answering.answerer import MIN_TEMPERATURE, Answer, Answerer, DecodeSettings
 from instructlm.answering.textcut import TextCutter
 from instructlm.data.formats import Example
 from instructlm.errors import InstructlmError

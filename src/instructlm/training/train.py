@@ -17,22 +17,13 @@ from typing import Any, Callable, Iterator
 
 from instructlm import __version__
 from instructlm.answering.answerer import Answerer
-from instructlm.data.encode import (
-    EncodedExample,
-    EncodedPair,
-    encode_examples,
-    encode_pairs,
-)
+from instructlm.data.encode import EncodedExample, EncodedPair, encode_examples, encode_pairs
 from instructlm.data.formats import Example, InstructionSet, read_instruction_file
 from instructlm.data.templates import Template, template_to_teach
 from instructlm.errors import InstructlmError, Report
 from instructlm.measuring.evaluate import EvalResult, EvalSet, evaluate
 from instructlm.measuring.scores import describe_summary
-from instructlm.model.adapters import (
-    adapter_summary,
-    add_lora,
-    load_weights,
-)
+from instructlm.model.adapters import adapter_summary, add_lora, load_weights
 from instructlm.model.base import EMBEDDED, EMBEDDED_NAME, load_tokenizer, resolve_base
 from instructlm.model.devices import pick_device, resolve_precision
 from instructlm.runs import (
@@ -49,10 +40,7 @@ from instructlm.runs import (
     write_losses,
 )
 from instructlm.training import checkpoints
-from instructlm.training.budget import (
-    Budget,
-    choose_budget,
-)
+from instructlm.training.budget import Budget, choose_budget
 from instructlm.training.distributed import (
     broadcast_object_list,
     fsdp_plugin,
@@ -64,10 +52,7 @@ from instructlm.training.distributed import (
 from instructlm.training.fit import Trainee, fit
 from instructlm.training.model_card import model_card
 from instructlm.training.optimize import TrainStep
-from instructlm.training.preference import (
-    PreferenceObjective,
-    with_references,
-)
+from instructlm.training.preference import PreferenceObjective, with_references
 from instructlm.training.settings import DPO_EPOCHS, TrainSettings
 
 
