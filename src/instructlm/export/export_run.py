@@ -8,6 +8,9 @@ renamed in, so an interrupted export leaves no half file, and an earlier export 
 
 from __future__ import annotations
 
+import errno
+import os
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,30 +43,73 @@ def export(run: str | Path, quant: str = DEFAULT_QUANT, output: str | Path | Non
     info = read_run_info(run)
     gguf_path, modelfile_path = _places(run, quant, output, ollama)
     for path in (gguf_path, modelfile_path):
-        if path is not None and path.exists() and not force:
-            raise InstructlmError(f"{path} exists", hint="use --force to replace it")
+        if path is not None:
+            _check_place(path, force)
     _check_before_loading(run, info, quant)
 
     answerer = load_answerer(str(run), device="cpu")  # a LoRA run comes merged
     model, tokenizer, template = answerer.model, answerer.tokenizer, answerer.template
-    chat_template = gguf_chat_template(template, tokenizer)
     end_token = (tokenizer.convert_ids_to_tokens(int(tokenizer.eos_token_id))
                  if info["settings"].get("end_token", True) else None)
-    if modelfile_path is not None:  # made before anything is written: it can be refused
-        source = gguf_from(modelfile_path.parent, gguf_path)
-        text = modelfile(source if Path(source).is_absolute() else f"./{source}", template,
-                         tokenizer, end_token, DecodeSettings().max_new_tokens)
-        readme = _readme(run, info, source, quant, end_token)
-    gguf_path.parent.mkdir(parents=True, exist_ok=True)
-    with file_written_beside(gguf_path) as partial:
-        write_gguf(model, tokenizer, chat_template, partial, quant, run.name)
+    texts = {}  # the Ollama folder's files, made before anything is written: they can be refused
     if modelfile_path is not None:
-        modelfile_path.parent.mkdir(parents=True, exist_ok=True)
-        with file_written_beside(modelfile_path) as partial:
-            partial.write_text(text, encoding="utf-8")
-        with file_written_beside(modelfile_path.with_name(README)) as partial:
-            partial.write_text(readme, encoding="utf-8")
+        source = gguf_from(modelfile_path.parent, gguf_path)
+        texts[modelfile_path] = modelfile(source if Path(source).is_absolute() else f"./{source}",
+                                          template, tokenizer, end_token,
+                                          DecodeSettings().max_new_tokens)
+        texts[modelfile_path.with_name(README)] = _readme(run, info, source, quant, end_token)
+    made, writing = _missing_folders([gguf_path, *texts]), gguf_path
+    try:
+        with ExitStack() as renames:  # every file whole before any takes its place
+            write_gguf(model, tokenizer, gguf_chat_template(template, tokenizer),
+                       _beside(renames, gguf_path), quant, run.name)
+            for writing, text in texts.items():
+                _beside(renames, writing).write_text(text, encoding="utf-8")
+    except BaseException as err:
+        for folder in made:  # empty by now: the partial files are gone
+            with suppress(OSError):
+                folder.rmdir()
+        if isinstance(err, OSError):
+            raise _write_error(err, writing) from None
+        raise
     return Exported(gguf_path, modelfile_path, end_token)
+
+
+def _beside(renames: ExitStack, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return renames.enter_context(file_written_beside(path))
+
+
+def _missing_folders(paths: list[Path]) -> list[Path]:
+    """The folders that writing `paths` will make, deepest first."""
+    missing = {folder for path in paths for folder in path.parents if not folder.exists()}
+    return sorted(missing, key=lambda folder: len(folder.parts), reverse=True)
+
+
+def _check_place(path: Path, force: bool) -> None:
+    """Refuse, before the model is loaded, a place that cannot take the file `path`."""
+    if path.is_dir():
+        raise InstructlmError(f"{path} is a folder, not a file",
+                              hint="give the file's name, ending in .gguf, or another --ollama")
+    if path.exists() and not force:
+        raise InstructlmError(f"{path} exists", hint="use --force to replace it")
+    folder = next(p for p in (path.parent, *path.parent.parents) if p.exists())
+    if not folder.is_dir():
+        raise InstructlmError(f"{path} cannot be written: {folder} is a file, not a folder",
+                              hint="choose another --output or --ollama")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InstructlmError(f"{path} cannot be written: no permission to write in {folder}",
+                              hint="choose a folder you can write to")
+
+
+def _write_error(err: OSError, path: str | Path) -> InstructlmError:
+    """An OSError while writing, said plainly; nothing partial is left by then."""
+    if err.errno == errno.ENOSPC:
+        return InstructlmError(f"the disk is full: {path} could not be written; nothing of "
+                               "this export was left, and earlier files are unchanged",
+                               hint="free some space and export again")
+    return InstructlmError(f"{path} could not be written: {err.strerror or err}; nothing of "
+                           "this export was left, and earlier files are unchanged")
 
 
 def gguf_from(folder: Path, gguf: Path) -> str:
