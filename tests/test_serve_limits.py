@@ -54,6 +54,13 @@ def test_a_long_stop_text_is_refused_at_once(url):
         assert time.monotonic() - started < 1
 
 
+def test_too_many_stop_texts_are_refused_with_the_limit(url):
+    stops = ["a"] * (api.MAX_STOPS + 1)
+    status, reply = post(url, "/v1/completions", {"prompt": "Say hello.", "stop": stops})
+    assert status == 400 and reply["error"]["param"] == "stop"
+    assert f"at most {api.MAX_STOPS} items" in reply["error"]["message"]
+
+
 def test_stop_texts_cut_a_whole_answer_as_they_cut_a_streamed_one(url):
     request = {"model": "facts", "prompt": "Name three fruits.", "stop": [", "]}
     status, reply = post(url, "/v1/completions", request)

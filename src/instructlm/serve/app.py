@@ -181,7 +181,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
         problems = err.errors()
-        first = problems[0] if problems else {"loc": (), "msg": "invalid request"}
+        # Of a union's branches (a text, or a list of texts), the one whose type fit names
+        # the real limit: "at most 4 items", not "should be a valid string".
+        first = min(problems, key=lambda p: str(p.get("type", "")).endswith("_type")
+                    ) if problems else {"loc": (), "msg": "invalid request"}
         if first.get("type") == "json_invalid":
             return error_response(400, "the request body is not valid JSON: "
                                        f"{first.get('ctx', {}).get('error', first['msg'])}")
