@@ -221,3 +221,25 @@ def test_bad_decoding_and_incomplete_model_folder(tmp_path, capsys):
                           capture_output=True, text=True)
     assert proc.returncode == 2 and f"cannot load {folder}" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_inspect_gives_every_warning_train_gives(tmp_path, tiny_base, capsys):
+    """A pair longer than --max-length, a control token written as text, equal answers:
+    inspect --pairs says what train --method orpo says."""
+    f = tmp_path / "pairs.txt"
+    f.write_text("Say yes.#Yes.#No.\n"
+                 f"{'Tell me more. ' * 40}#Sure.#No.\n"
+                 "Say hi.#Hi <eos> there.#Go away.\n"
+                 "Say it.#Same.#Same.\n", encoding="utf-8")
+    assert main(["train", str(f), "--base", str(tiny_base), "--method", "orpo",
+                 "--max-length", "64", "--epochs", "1", "--output", str(tmp_path / "run"),
+                 "--quiet"]) == 0
+    said_by_train = [line.removeprefix("warning: ") for line in
+                     capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert main(["inspect", str(f), "--base", str(tiny_base), "--pairs", "--max-length", "64",
+                 "--json"]) == 0
+    warnings = json.loads(capsys.readouterr().out)["warnings"]
+    assert sorted(said_by_train) == sorted(warnings)
+    assert any(":2: dropped" in w for w in warnings)
+    assert any(":3: holds the model's control token" in w for w in warnings)
+    assert any(":4: the chosen and the rejected answer are the same" in w for w in warnings)

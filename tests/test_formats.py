@@ -196,3 +196,46 @@ def test_jsonl_errors(write, lines, line, words):
 def test_jsonl_blank_lines_skipped(write):
     data = read_instruction_file(write("b.jsonl", '\n{"prompt": "a", "completion": "b"}\n\n'))
     assert len(data.train) == 1 and data.train[0].source.endswith("b.jsonl:2")
+
+
+@pytest.mark.parametrize("name, raw, where", [
+    ("nul.txt", "a#b\nSay\x00 hello.#Hello!\n", ":2"),
+    ("esc.txt", "a#\x1b[31mred\n", ":1"),
+    ("nul.jsonl", json.dumps({"instruction": "a", "response": "b\u0000"}) + "\n", ":1"),
+    ("turn.jsonl", json.dumps({"messages": [
+        {"role": "system", "content": "be \u0007 brief"}, {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"}]}) + "\n", ":1"),
+])
+def test_control_characters_are_refused_with_their_line(write, name, raw, where):
+    with pytest.raises(InstructionFileError) as err:
+        read_instruction_file(write(name, raw))
+    text = str(err.value)
+    assert f"{name}{where}: the " in text and "control character" in text
+    assert not any(c in text for c in "\x00\x1b\x07")  # shown as escapes, never raw
+
+
+def test_tabs_and_line_breaks_inside_answers_are_text(write):
+    data = read_instruction_file(write("ok.jsonl", json.dumps(
+        {"instruction": "a", "response": "one\ttwo\r\nthree\n"}) + "\n"))
+    assert data.train[0].response == "one\ttwo\r\nthree"
+
+
+@pytest.mark.parametrize("record, words", [
+    ({"prompt": "a", "chosen": 5, "rejected": "c"}, "chosen must be a string"),
+    ({"prompt": ["a"], "chosen": "b", "rejected": "c"}, "prompt of messages"),
+    ({"prompt": 1, "chosen": "b", "rejected": "c"}, "prompt must be a string"),
+    ({"instruction": "a", "output": 3}, "output must be a string"),
+    ({"prompt": "a", "completion": ""}, "empty completion"),
+])
+def test_a_field_of_the_wrong_kind_is_named_as_the_file_names_it(write, record, words):
+    with pytest.raises(InstructionFileError) as err:
+        read_instruction_file(write("r.jsonl", json.dumps(record) + "\n"),
+                              preferences="chosen" in record)
+    assert words in str(err.value)
+
+
+def test_a_pair_whose_answers_are_the_same_is_warned_about_with_its_line(write):
+    data = read_instruction_file(write("p.txt", "a#yes#no\nb#same#same\n"), preferences=True)
+    assert [w for w in data.warnings if "the same" in w] == [
+        f"{data.path}:2: the chosen and the rejected answer are the same, so the pair "
+        "teaches nothing; write the answer you got as the rejected one"]

@@ -6,6 +6,7 @@ import argparse
 from typing import TYPE_CHECKING, Callable
 
 from instructlm.answering.answerer import BATCH_SIZE, DecodeSettings
+from instructlm.data.encode import MAX_LENGTH
 from instructlm.export.gguf_file import DEFAULT_QUANT, QUANTS
 from instructlm.serve.settings import ServeSettings
 
@@ -263,5 +264,8 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]
     p.add_argument("--pairs", action="store_true",
                    help="read preference pairs, as train --method dpo|orpo does: lines "
                         "instruction#chosen#rejected")
+    p.add_argument("--max-length", type=int, default=MAX_LENGTH,
+                   help=f"warn, as train does, of examples longer than this many tokens "
+                        f"(default {MAX_LENGTH})")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return parser, parsers

@@ -229,7 +229,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     quiet_libraries()
     report = inspect_file(args.file, base=args.base, template=args.template,
-                          tokens=not args.no_tokens, preferences=args.pairs)
+                          tokens=not args.no_tokens, preferences=args.pairs,
+                          max_length=args.max_length)
     if args.json:
         print(json.dumps(report, ensure_ascii=False, indent=2))
         return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 Report = Callable[[str], None]  # where progress and warnings are said to a person
@@ -20,6 +21,14 @@ class InstructlmError(Exception):
 
 
 EXCERPT = 200  # characters of a file's line shown in an error
+# Control characters but tab and line breaks: no text to teach, and printed raw they would act
+# on the terminal (move the cursor, change its colours).
+CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def visible(text: str) -> str:
+    """`text` with its control characters written as escapes (`\\x00`)."""
+    return CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 class InstructionFileError(InstructlmError):
@@ -31,7 +40,7 @@ class InstructionFileError(InstructlmError):
         full = f"{where}: {message}"
         if text is not None:  # a bounded excerpt: a line may be megabytes long
             shown = text if len(text) <= EXCERPT else f"{text[:EXCERPT]}… ({len(text)} characters)"
-            full += f"\n  {line} | {shown}"
+            full += f"\n  {line} | {visible(shown)}"
         super().__init__(full, hint)
         self.path = path
         self.line = line

@@ -21,6 +21,7 @@ from instructlm.data.templates import Template, around_instruction, render_promp
 from instructlm.errors import InstructlmError
 
 IGNORE_INDEX = -100  # label value that PyTorch's cross-entropy skips
+MAX_LENGTH = 512  # tokens of an example, prompt and response, unless --max-length says
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from instructlm.errors import InstructionFileError
+from instructlm.errors import CONTROL, InstructionFileError
 
 EVAL_MARKER = "_EVAL_"
 JSONL_SUFFIXES = {".jsonl", ".ndjson", ".json"}
@@ -119,6 +119,7 @@ def read_instruction_file(path: str | Path, need_train: bool = True,
     train = [ex for ex, split in pairs if split == "train"]
     evals = [ex for ex, split in pairs if split == "eval"]
     _check_kind(name, fmt, pairs, preferences)
+    _refuse_control_characters(name, lines, pairs)
     if not evals and not train:
         raise InstructionFileError(name, None, "no examples",
                                    hint="write one example a line as instruction#response")
@@ -127,7 +128,8 @@ def read_instruction_file(path: str | Path, need_train: bool = True,
             name, None, "only evaluation examples: there is nothing to train on",
             hint="write one example a line as instruction#response (training lines come "
                  f"before a '# {EVAL_MARKER}' comment)")
-    warnings = _find_conflicts(train + evals) + _looks_like_pairs(name, fmt, lines, preferences)
+    warnings = (_find_conflicts(train + evals) + _equal_pairs(train + evals)
+                + _looks_like_pairs(name, fmt, lines, preferences))
     return InstructionSet(name, fmt, hashlib.sha256(raw).hexdigest(), train, evals, warnings)
 
 
@@ -313,6 +315,16 @@ JSONL_FLAVOURS: dict[str, tuple[tuple[str, ...], Callable[[dict[str, Any]], dict
 }
 
 
+# A flavour's own name for an Example field, for errors that name what the user wrote.
+_FIELD_NAMES = {"preference": {"instruction": "prompt", "response": "chosen"},
+                "alpaca": {"response": "output"}, "dolly": {"input": "context"},
+                "prompt-completion": {"instruction": "prompt", "response": "completion"}}
+
+
+def _field_name(flavour: str, key: str) -> str:
+    return _FIELD_NAMES.get(flavour, {}).get(key, key)
+
+
 def _detect_flavour(rec: dict[str, Any], name: str, no: int) -> str:
     for flavour, (keys, _) in JSONL_FLAVOURS.items():
         if all(k in rec for k in keys):
@@ -364,12 +376,12 @@ def _parse_jsonl(lines: list[str], name: str) -> tuple[str, list[tuple[Example, 
         for key in ("instruction", "input", "response", "rejected"):
             value = fields.get(key, "")
             if not isinstance(value, str):
-                raise InstructionFileError(name, no, f"{key} must be a string", line)
+                raise InstructionFileError(name, no, f"{_field_name(flavour, key)} must be a "
+                                           "string", line)
             fields[key] = value.strip()
         for key in required:
             if not fields[key]:
-                said = "chosen" if key == "response" and flavour == "preference" else key
-                raise InstructionFileError(name, no, f"empty {said}", line)
+                raise InstructionFileError(name, no, f"empty {_field_name(flavour, key)}", line)
         split = rec.get("split", "train")
         if split not in ("train", "eval"):
             raise InstructionFileError(name, no, f"split must be \"train\" or \"eval\", "
@@ -427,3 +439,28 @@ def _find_conflicts(examples: list[Example]) -> list[str]:
             warnings.append(f"{ex.source}: same instruction as {first.source} with a "
                             "different response")
     return warnings
+
+
+def _equal_pairs(examples: list[Example]) -> list[str]:
+    """A pair whose answers are the same has nothing to prefer: its loss has no gradient."""
+    return [f"{ex.source}: the chosen and the rejected answer are the same, so the pair "
+            "teaches nothing; write the answer you got as the rejected one"
+            for ex in examples if ex.rejected and ex.rejected == ex.response]
+
+
+def _refuse_control_characters(name: str, lines: list[str],
+                               pairs: list[tuple[Example, str]]) -> None:
+    """Refuse a control character in any text (errors.CONTROL), with its line."""
+    for ex, _ in pairs:
+        texts = {"instruction": ex.instruction, "input": ex.input, "response": ex.response,
+                 "rejected answer": ex.rejected,
+                 **{f"{m['role']} message": m["content"] for m in ex.history}}
+        for part, text in texts.items():
+            found = CONTROL.search(text)
+            if found:
+                no = int(ex.source.rsplit(":", 1)[1])
+                raise InstructionFileError(
+                    name, no, f"the {part} holds a control character, "
+                              f"U+{ord(found.group()):04X}", lines[no - 1],
+                    hint="remove it: control characters other than tab and line breaks are "
+                         "not text to teach")

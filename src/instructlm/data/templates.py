@@ -156,6 +156,14 @@ def template_to_teach(spec: str, tokenizer: Any, examples: list[Example], lora: 
     return training_template(tokenizer, examples, lora)
 
 
+def unshown_turns(template: Template, examples: list[Example]) -> list[str]:
+    """A warning when examples carry earlier chat turns that `template` does not show."""
+    if template.name != "chat" and any(ex.history for ex in examples):
+        return [f"earlier chat turns are not shown by the {template.name} template; use "
+                "--template chat to train on them"]
+    return []
+
+
 def choose_template(spec: str | None, tokenizer: Any) -> Template:
     """`spec` parsed, or the default for this tokenizer when it is None or "auto"."""
     return default_template(tokenizer) if spec in (None, "auto") else parse_template(spec)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from instructlm.data.encode import MAX_LENGTH
 from instructlm.errors import InstructlmError
 from instructlm.model.adapters import LoraSettings
 from instructlm.model.base import EMBEDDED
@@ -36,7 +37,7 @@ class TrainSettings:
     lr: float | None = None  # None: FULL_LR, or LORA_LR with lora (DPO: DPO_LR, DPO_LORA_LR)
     layer_decay: float = LAYER_DECAY  # each layer's rate as a multiple of the one above
     batch_size: int = 8
-    max_length: int = 512
+    max_length: int = MAX_LENGTH
     seed: int = 42
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1

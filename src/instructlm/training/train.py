@@ -19,7 +19,7 @@ from instructlm import __version__
 from instructlm.answering.answerer import Answerer
 from instructlm.data.encode import EncodedExample, EncodedPair, encode_examples, encode_pairs
 from instructlm.data.formats import Example, InstructionSet, read_instruction_file
-from instructlm.data.templates import Template, template_to_teach
+from instructlm.data.templates import Template, template_to_teach, unshown_turns
 from instructlm.errors import InstructlmError, Report
 from instructlm.measuring.evaluate import EvalResult, EvalSet, evaluate
 from instructlm.measuring.scores import describe_summary
@@ -289,9 +289,8 @@ def load_tokenizer_and_template(settings: TrainSettings, data: InstructionSet,
     tokenizer = load_tokenizer(source, settings.trust_remote_code)
     template = template_to_teach(settings.template, tokenizer, data.train, settings.lora,
                                  run_template(source))
-    if template.name != "chat" and any(ex.history for ex in data.train):
-        report(f"warning: earlier chat turns are not shown by the {template.name} template; "
-               "use --template chat to train on them")
+    for warning in unshown_turns(template, data.train):
+        report(f"warning: {warning}")
     return source, tokenizer, template
 
 
