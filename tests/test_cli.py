@@ -186,7 +186,8 @@ def test_every_command_has_help(command):
             assert name in proc.stdout
 
 
-def test_ctrl_c_stops_training_and_says_nothing_was_saved(tmp_path, tiny_base):
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_stops_training_and_says_nothing_was_saved(tmp_path, tiny_base, stop):
     import signal
     import time
 
@@ -199,7 +200,7 @@ def test_ctrl_c_stops_training_and_says_nothing_was_saved(tmp_path, tiny_base):
     first = proc.stdout.readline()  # "Training ..." is printed once the loop starts
     assert first.startswith("Training"), first + proc.stderr.read()
     time.sleep(1.0)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(getattr(signal, stop))  # Ctrl-C, or `kill` and a container's stop
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
     assert "Interrupted: runs/a is as it was before. Nothing was saved" in out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -31,11 +32,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         raise InstructlmError("give the instruction FILE to train on (or --resume RUN)")
     try:
-        if args.resume:
-            resume(output, report=_say, progress=not args.quiet)
-        else:
-            train(args.file, output, _train_settings(args), force=args.force, report=_say,
-                  progress=not args.quiet)
+        with _terminate_as_interrupt():
+            if args.resume:
+                resume(output, report=_say, progress=not args.quiet)
+            else:
+                train(args.file, output, _train_settings(args), force=args.force, report=_say,
+                      progress=not args.quiet)
     except KeyboardInterrupt:
         saved = checkpoint_dir(output)
         _say(f"\nInterrupted: {output} is as it was before. " + (
@@ -43,6 +45,27 @@ def cmd_train(args: argparse.Namespace) -> int:
             if saved.exists() else "Nothing was saved (--save-every N saves checkpoints)."))
         return 130
     return 0
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (`kill`, a container's stop) ends a training as Ctrl-C does: the step under
+    way ends, the folders and the lock are tidied, and the earlier run stays as it was."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may handle signals
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _train_settings(args: argparse.Namespace) -> Any:

@@ -178,14 +178,13 @@ def _batches(n: int, batch_size: int, epochs: int, seed: int
 
 @contextmanager
 def _ctrl_c_between_steps(active: bool = True) -> Iterator[Callable[[], bool]]:
-    """Within it, Ctrl-C ends training after the step under way: yields whether it was
-    pressed.
+    """Within it, Ctrl-C (or SIGTERM, as `kill` and container stops send) ends training after
+    the step under way: yields whether it was asked.
 
     A KeyboardInterrupt raised anywhere in a step can be lost (Python ignores one raised in
-    a finalizer, and library code may catch it), and training would go on. The first Ctrl-C
-    only sets a flag, checked after every step; a
-    second one interrupts at once. The caller turns the flag into a KeyboardInterrupt,
-    handled like one pressed outside training.
+    a finalizer, and library code may catch it), and training would go on. The first signal
+    only sets a flag, checked after every step; a second one interrupts at once. The caller
+    turns the flag into a KeyboardInterrupt, handled like one pressed outside training.
     """
     import os
     import signal
@@ -195,21 +194,24 @@ def _ctrl_c_between_steps(active: bool = True) -> Iterator[Callable[[], bool]]:
         yield lambda: False  # only the main thread may handle signals
         return
     pressed: list[bool] = []
-    previous = signal.getsignal(signal.SIGINT)
-    if previous is None:  # installed outside Python
-        previous = signal.default_int_handler
+    # None: installed outside Python; what it then does is the default.
+    previous = {signal.SIGINT: signal.getsignal(signal.SIGINT) or signal.default_int_handler,
+                signal.SIGTERM: signal.getsignal(signal.SIGTERM) or signal.SIG_DFL}
 
     def first(signum: int, frame: Any) -> None:
         pressed.append(True)
-        signal.signal(signal.SIGINT, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
         # os.write, not print: a signal handler may run in the middle of a print
         os.write(2, b"\nStopping after this step (Ctrl-C again to stop at once).\n")
 
-    signal.signal(signal.SIGINT, first)
+    for number in previous:
+        signal.signal(number, first)
     try:
         yield lambda: bool(pressed)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def _epoch_mean(records: list[dict[str, Any]], epoch: int) -> float:
