@@ -369,3 +369,34 @@ def test_a_request_that_fails_to_hear_its_answer_does_not_stop_the_loop(chat_mod
         batcher.close()
     assert isinstance(rows[0].error, RuntimeError)
     assert rows[1].error is None and rows[1].finish_reason in ("stop", "length")
+
+
+def test_a_burst_fills_the_batch_before_the_queue_counts(tiny_models):
+    """With room for 8 answers and 2 waiting, a burst of 20 requests gets 10 in, even while
+    the loop has not yet taken any of them: the queue counts only what waits for a place."""
+    import threading
+
+    from instructlm.answering.answerer import DecodeSettings
+    from instructlm.data.formats import Example
+    from instructlm.serve.batcher import Batcher, QueueFull, Row
+
+    class Quiet:
+        def admitted(self, row: Row) -> None: ...
+        def token(self, row: Row, token: int) -> bool: return False
+        def ended(self, row: Row) -> None: ...
+
+    answerer = tiny_models["facts"]
+    lock = threading.Lock()
+    batcher = Batcher(answerer, max_batch=8, max_queue=2, queue_timeout_s=60, lock=lock)
+    prompt = answerer.tokenizer("Say hello.")["input_ids"]
+    accepted = 0
+    with lock:  # the model is busy: the loop cannot prefill what it takes
+        for request_id in range(20):
+            try:
+                batcher.submit([Row(prompt, 0, Example("Say hello.", ""),
+                                    DecodeSettings(max_new_tokens=2), Quiet(), request_id)])
+                accepted += 1
+            except QueueFull:
+                pass
+    batcher.close()
+    assert accepted == 8 + 2

@@ -101,7 +101,7 @@ class Batcher:
         self.observe = observe  # metrics: observe(kind, value)
         self.end_ids = answerer.end_ids()
         self.waiting: deque[Row] = deque()
-        self.decoding = 0  # rows in the batch after the latest step
+        self.decoding = 0  # rows in the batch, and those taken to join it
         self.openings: OrderedDict[tuple[int, ...], list[tuple[Any, Any]]] = OrderedDict()
         self.changed = threading.Condition()
         self.closed = False
@@ -125,8 +125,11 @@ class Batcher:
             self.changed.notify()
 
     def queued_requests(self) -> int:
-        """Requests with a row still waiting (read with `changed` held)."""
-        return len({row.request for row in self.waiting})
+        """Requests with a row that waits for a place in the batch (read with `changed`
+        held): rows the batch has room for are not queued, even before the loop takes them,
+        so a burst fills the batch first."""
+        room = max(0, self.max_batch - self.decoding)
+        return len({row.request for row in list(self.waiting)[room:]})
 
     def retry_after(self) -> int:
         """Seconds until a place is likely free: the queue ahead, in batches, times how
@@ -154,6 +157,7 @@ class Batcher:
                         self._end(row, None)
                     break
                 ready = self._take_ready(self.max_batch - (len(batch.rows) if batch else 0))
+                self.decoding = (len(batch.rows) if batch else 0) + len(ready)  # placed
                 self._tell("queue", self.queued_requests())
             try:
                 for row in ready:
