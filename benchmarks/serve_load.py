@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/serve_load.py RUN [--requests 32] [--clients 1,8,32]
                                                   [--disconnects 100] [--max-tokens 64]
                                                   [--file FILE]
+    .venv/bin/python benchmarks/serve_load.py RUN --mixed
 
 Starts `instructlm serve RUN` (extra flags after `--`), then sends the same `--requests`
 greedy chat requests (streamed, so that the first token's time is seen) with 1, 8, ...
@@ -12,6 +13,10 @@ equals the one-client answer. Then `--disconnects` requests that hang up mid-str
 more request that must still be answered. The server's resident memory is read before,
 after and at its peak. A table, then one line of JSON. Bounded: every request has a
 timeout, and the whole run `--timeout` seconds.
+
+`--mixed` measures memory instead: one long prompt (about 1,800 tokens) asked alone, then
+in a fresh server the long prompt among 31 short ones, then among 47: the server's peak and
+its idle memory before and after each, beside the long prompt's peak alone.
 """
 
 from __future__ import annotations
@@ -42,8 +47,15 @@ def main() -> None:
     parser.add_argument("--file", help="instructions to ask (default: the run's own file, "
                                        "else examples/spells.txt)")
     parser.add_argument("--timeout", type=float, default=1200, help="seconds for everything")
+    parser.add_argument("--mixed", action="store_true",
+                        help="memory with one long prompt among short ones (see above)")
     parser.add_argument("flags", nargs="*", help="after --: flags for `instructlm serve`")
     args = parser.parse_args()
+    if args.mixed:
+        mixed = mixed_memory(args.run, args.flags, args.max_tokens, args.timeout, args.file)
+        print_mixed(mixed)
+        print(json.dumps(mixed))
+        return
     results = load_test(args.run, args.requests, [int(c) for c in args.clients.split(",")],
                         args.disconnects, args.max_tokens, args.timeout, args.flags, args.file)
     print_table(results)
@@ -184,6 +196,62 @@ def load_test(run: str, n: int, clients: list[int], disconnects: int, max_tokens
         return results
     finally:
         server.stop()
+
+
+LONG_SENTENCE, LONG_REPEATS = "Tell me a spell about cheese. ", 260  # about 1,800 tokens
+
+
+def settled_mb(server: Server) -> float:
+    """Resident memory once the server has been idle a moment."""
+    time.sleep(2.0)
+    return server.memory_mb()["rss_mb"]
+
+
+def mixed_memory(run: str, flags: list[str], max_tokens: int, timeout: float,
+                 file: str | None = None, repeats: int = LONG_REPEATS) -> dict[str, Any]:
+    """The long prompt alone, then among short ones: peaks, and idle before and after."""
+    deadline = time.monotonic() + timeout
+    short, long = instructions(run, 47, file), LONG_SENTENCE * repeats
+    results: dict[str, Any] = {"run": run, "max_tokens": max_tokens, "flags": flags}
+    for name, rounds in (("alone", [[long]]), ("mixed", [[long, *short[:31]], [long, *short]])):
+        server = Server(run, flags)
+        try:
+            ask(server, short[0], max_tokens, deadline)  # warm-up
+            results[name] = {"idle_before_mb": settled_mb(server), "rounds": []}
+            for asked in rounds:
+                with ThreadPoolExecutor(len(asked)) as pool:
+                    answers = list(pool.map(lambda q: ask(server, q, max_tokens, deadline),
+                                            asked))
+                results[name]["rounds"].append({
+                    "clients": len(asked), "statuses": sorted({a["status"] for a in answers}),
+                    "peak_mb": server.memory_mb()["peak_rss_mb"],
+                    "idle_after_mb": settled_mb(server)})
+        finally:
+            server.stop()
+    alone = results["alone"]["rounds"][0]["peak_mb"]
+    idle = results["mixed"]["idle_before_mb"]
+    results["peak_over_alone"] = round(max(r["peak_mb"] for r in results["mixed"]["rounds"])
+                                       / alone, 2)
+    results["idle_after_over_before"] = round(
+        max(r["idle_after_mb"] for r in results["mixed"]["rounds"]) / idle, 3)
+    return results
+
+
+def print_mixed(r: dict[str, Any]) -> None:
+    print(f"{r['run']}: one prompt of about 1,800 tokens, alone and among short ones "
+          f"(at most {r['max_tokens']} tokens an answer)")
+    print()
+    print("| workload | clients | statuses | idle before MB | peak MB | idle after MB |")
+    print("|---|---|---|---|---|---|")
+    for name in ("alone", "mixed"):
+        idle = r[name]["idle_before_mb"]
+        for x in r[name]["rounds"]:
+            print(f"| {name} | {x['clients']} | {x['statuses']} | {idle} | {x['peak_mb']} | "
+                  f"{x['idle_after_mb']} |")
+            idle = x["idle_after_mb"]
+    print()
+    print(f"peak among short ones / peak alone: {r['peak_over_alone']}x; idle after / idle "
+          f"before: {r['idle_after_over_before']}")
 
 
 def print_table(r: dict[str, Any]) -> None:

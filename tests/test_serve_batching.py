@@ -296,6 +296,11 @@ def test_the_load_benchmark_runs_on_the_tiny_run(tiny_run):
     assert 200 in results["disconnects"]["statuses"]
     assert results["memory_end"]["peak_rss_mb"] >= results["memory_start"]["rss_mb"] > 0
     serve_load.print_table(results)
+    mixed = serve_load.mixed_memory(str(tiny_run), ["--max-batch", "4"], max_tokens=4,
+                                    timeout=300, repeats=3)
+    assert [r["statuses"] for r in mixed["mixed"]["rounds"]] == [[200], [200]]
+    assert mixed["peak_over_alone"] > 0 and mixed["idle_after_over_before"] > 0
+    serve_load.print_mixed(mixed)
 
 
 def test_a_family_that_cannot_join_a_batch_answers_one_at_a_time(tiny_tokenizer):
@@ -400,3 +405,30 @@ def test_a_burst_fills_the_batch_before_the_queue_counts(tiny_models):
                 pass
     batcher.close()
     assert accepted == 8 + 2
+
+
+def test_rows_join_the_batch_only_within_its_token_budget(tiny_models):
+    """The padded cache holds rows x the widest row's reach (prompt and answer): a long
+    prompt does not join short ones beyond the budget, and none passes a row that waits."""
+    import threading
+    from collections import deque
+
+    from instructlm.answering.answerer import DecodeSettings
+    from instructlm.data.formats import Example
+    from instructlm.serve.batcher import Batcher, Row
+
+    batcher = Batcher(tiny_models["facts"], max_batch=8, max_queue=8, queue_timeout_s=60,
+                      lock=threading.Lock(), max_batch_tokens=100)
+    batcher.close()  # its loop ends: _take_ready is called here alone
+
+    def row(prompt_length: int, request: int) -> Row:
+        return Row([1] * prompt_length, 0, Example("x", ""), DecodeSettings(max_new_tokens=10),
+                   None, request, submitted=time.monotonic())
+
+    shorts = [row(5, i) for i in range(5)]  # each may reach 15 positions
+    long = row(60, 9)  # may reach 70
+    batcher.waiting = deque([*shorts, long])
+    assert batcher._take_ready(None) == shorts  # 6 x 70 would pass 100
+    batcher.waiting = deque([long, *shorts])
+    assert batcher._take_ready(None) == [long]  # alone it always may; then the shorts wait
+    assert list(batcher.waiting) == shorts

@@ -247,6 +247,10 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]
     p.add_argument("--max-queue", type=int, default=served.max_queue,
                    help=f"requests waiting for a place in the batch; more are answered 429 "
                         f"(default {served.max_queue})")
+    p.add_argument("--max-batch-tokens", type=int, default=served.max_batch_tokens,
+                   help=f"key/value positions the batch may hold, its rows times the widest "
+                        f"row's prompt and answer; a row that would pass it waits (default "
+                        f"{served.max_batch_tokens})")
     p.add_argument("--queue-timeout", type=float, default=served.queue_timeout_s,
                    metavar="SECONDS", help=f"a request waiting longer for a place is answered "
                                            f"503 (default {served.queue_timeout_s:g})")

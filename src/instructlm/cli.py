@@ -319,7 +319,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     key = args.api_key or os.environ.get(API_KEY_ENV) or None
     settings = ServeSettings(args.max_tokens, args.max_prompt_tokens, key,
                              max_batch=args.max_batch, max_queue=args.max_queue,
-                             queue_timeout_s=args.queue_timeout)
+                             queue_timeout_s=args.queue_timeout,
+                             max_batch_tokens=args.max_batch_tokens)
     serve(args.run, settings, args.host, args.port, args.compare_base, args.trust_remote_code,
           report=_say, device=args.device)
     return 0

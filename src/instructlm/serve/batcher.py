@@ -17,6 +17,8 @@ answer one row at a time through `generate`, from the same queue.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import math
 import threading
@@ -29,6 +31,7 @@ from instructlm.answering.answerer import Answerer, DecodeSettings
 from instructlm.data.formats import Example
 from instructlm.model.architectures import architecture
 from instructlm.model.base import cache_argument
+from instructlm.serve.settings import MAX_BATCH_TOKENS
 
 MAX_OPENINGS = 16  # prompt openings whose keys and values are kept (a few MB each)
 
@@ -88,7 +91,8 @@ class Batcher:
     so that one model call runs at a time (they would only share the same cores)."""
 
     def __init__(self, answerer: Answerer, max_batch: int, max_queue: int,
-                 queue_timeout_s: float, lock: threading.Lock, observe: Any = None) -> None:
+                 queue_timeout_s: float, lock: threading.Lock, observe: Any = None,
+                 max_batch_tokens: int = MAX_BATCH_TOKENS) -> None:
         self.answerer = answerer
         self.model = answerer.model
         self.batchable = architecture(self.model).positions_and_cache
@@ -96,6 +100,7 @@ class Batcher:
         self.joinable = self.batchable and _joinable(self.model)
         self.max_batch = max_batch if self.joinable else 1
         self.max_queue = max_queue
+        self.max_batch_tokens = max_batch_tokens  # rows x the widest row's reach, at most
         self.queue_timeout_s = queue_timeout_s
         self.lock = lock
         self.observe = observe  # metrics: observe(kind, value)
@@ -156,7 +161,7 @@ class Batcher:
                         row.error = RuntimeError("the server is shutting down")
                         self._end(row, None)
                     break
-                ready = self._take_ready(self.max_batch - (len(batch.rows) if batch else 0))
+                ready = self._take_ready(batch)
                 self.decoding = (len(batch.rows) if batch else 0) + len(ready)  # placed
                 self._tell("queue", self.queued_requests())
             try:
@@ -170,12 +175,17 @@ class Batcher:
                         row.error = err
                         self._end(row, None)
                 batch = None
+            if batch is None and self.decoding:
+                _give_back_memory()  # the batch has emptied
             self.decoding = len(batch.rows) if batch else 0
             self._tell("batch", self.decoding)
 
-    def _take_ready(self, room: int) -> list[Row]:
-        """Rows to admit now (at most `room`); rows cancelled or waited out end here."""
+    def _take_ready(self, batch: "_Batch | None") -> list[Row]:
+        """Rows to admit now, in their order, while the batch has a place and its cache stays
+        within the token budget; rows cancelled or waited out end here."""
         now, ready = time.monotonic(), []
+        rows = batch.rows if batch else []
+        widest = max((_reach(row) for row in rows), default=0)
         kept: deque[Row] = deque()
         for row in self.waiting:
             if row.cancelled:
@@ -183,12 +193,18 @@ class Batcher:
             elif now - row.submitted > self.queue_timeout_s:
                 row.error = QueueTimeout(f"waited over {self.queue_timeout_s:g} s")
                 self._end(row, None)
-            elif len(ready) < room:
+            elif not kept and self._fits(len(rows) + len(ready) + 1, max(widest, _reach(row))):
                 ready.append(row)
-            else:
+                widest = max(widest, _reach(row))
+            else:  # first come, first placed: none passes a row that waits
                 kept.append(row)
         self.waiting = kept
         return ready
+
+    def _fits(self, rows: int, width: int) -> bool:
+        """Whether `rows` answers as wide as `width` may decode together: the padded cache
+        holds rows x width positions. One row always may."""
+        return rows == 1 or (rows <= self.max_batch and rows * width <= self.max_batch_tokens)
 
     def _admit(self, row: Row, batch: "_Batch | None") -> "_Batch | None":
         """Prefill `row` alone and choose its first token; then it joins the batch (or, if
@@ -337,6 +353,27 @@ class Batcher:
     def _tell(self, kind: str, value: float) -> None:
         if self.observe is not None:
             self.observe(kind, value)
+
+
+@functools.cache
+def _libc() -> Any:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return None
+
+
+def _give_back_memory() -> None:
+    """Hand the memory that the batch's caches freed back to the system: glibc keeps freed
+    blocks for reuse, and an idle server would stay at its busiest size."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+def _reach(row: Row) -> int:
+    """The widest the row's cache can grow: its prompt and every token it may be given."""
+    return len(row.prompt) + row.decode.max_new_tokens
 
 
 def _joinable(model: Any) -> bool:

@@ -73,7 +73,8 @@ class Models:
         self.batchers = {
             name: Batcher(answerer, settings.max_batch, settings.max_queue,
                           settings.queue_timeout_s, lock,
-                          metrics.observer(name) if metrics else None)
+                          metrics.observer(name) if metrics else None,
+                          settings.max_batch_tokens)
             for name, answerer in models.items()}
         self.created = int(time.time())
         self.requests = itertools.count()
