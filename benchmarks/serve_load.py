@@ -4,6 +4,7 @@
                                                   [--disconnects 100] [--max-tokens 64]
                                                   [--file FILE]
     .venv/bin/python benchmarks/serve_load.py RUN --mixed
+    .venv/bin/python benchmarks/serve_load.py RUN --burst 64 -- --max-queue 4
 
 Starts `instructlm serve RUN` (extra flags after `--`), then sends the same `--requests`
 greedy chat requests (streamed, so that the first token's time is seen) with 1, 8, ...
@@ -16,7 +17,8 @@ timeout, and the whole run `--timeout` seconds.
 
 `--mixed` measures memory instead: one long prompt (about 1,800 tokens) asked alone, then
 in a fresh server the long prompt among 31 short ones, then among 47: the server's peak and
-its idle memory before and after each, beside the long prompt's peak alone.
+its idle memory before and after each, beside the long prompt's peak alone. `--burst N`
+sends N requests at once and counts how many were answered and how many refused.
 """
 
 from __future__ import annotations
@@ -49,8 +51,14 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=1200, help="seconds for everything")
     parser.add_argument("--mixed", action="store_true",
                         help="memory with one long prompt among short ones (see above)")
+    parser.add_argument("--burst", type=int, help="N requests at once: how many get in")
     parser.add_argument("flags", nargs="*", help="after --: flags for `instructlm serve`")
     args = parser.parse_args()
+    if args.burst:
+        counts = burst(args.run, args.flags, args.burst, args.max_tokens, args.timeout)
+        print(f"{args.burst} requests at once (serve {' '.join(args.flags)}): {counts}")
+        print(json.dumps(counts))
+        return
     if args.mixed:
         mixed = mixed_memory(args.run, args.flags, args.max_tokens, args.timeout, args.file)
         print_mixed(mixed)
@@ -235,6 +243,22 @@ def mixed_memory(run: str, flags: list[str], max_tokens: int, timeout: float,
     results["idle_after_over_before"] = round(
         max(r["idle_after_mb"] for r in results["mixed"]["rounds"]) / idle, 3)
     return results
+
+
+def burst(run: str, flags: list[str], n: int, max_tokens: int, timeout: float
+          ) -> dict[str, int]:
+    """`n` requests sent at once to a fresh server: how many of each status came back."""
+    deadline = time.monotonic() + timeout
+    asked = instructions(run, n)
+    server = Server(run, flags)
+    try:
+        ask(server, asked[0], max_tokens, deadline)  # warm-up
+        with ThreadPoolExecutor(n) as pool:
+            answers = list(pool.map(lambda q: ask(server, q, max_tokens, deadline), asked))
+    finally:
+        server.stop()
+    statuses = [a["status"] for a in answers]
+    return {str(status): statuses.count(status) for status in sorted(set(statuses))}
 
 
 def print_mixed(r: dict[str, Any]) -> None:

@@ -301,6 +301,9 @@ def test_the_load_benchmark_runs_on_the_tiny_run(tiny_run):
     assert [r["statuses"] for r in mixed["mixed"]["rounds"]] == [[200], [200]]
     assert mixed["peak_over_alone"] > 0 and mixed["idle_after_over_before"] > 0
     serve_load.print_mixed(mixed)
+    counts = serve_load.burst(str(tiny_run), ["--max-batch", "2", "--max-queue", "1"], 3,
+                              max_tokens=4, timeout=300)
+    assert sum(counts.values()) == 3 and set(counts) <= {"200", "429"}
 
 
 def test_a_family_that_cannot_join_a_batch_answers_one_at_a_time(tiny_tokenizer):
