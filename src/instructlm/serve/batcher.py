@@ -3,7 +3,8 @@ leave between steps.
 
 A request's answers are rows. A row waits in a bounded queue, is prefilled alone (so its
 numbers do not depend on who else is asking) and joins the running batch at the next step:
-its key/value cache and the batch's are left-padded to one width and stacked. The prompt's
+its key/value cache and the batch's are left-padded to one width and stacked, so rows join
+only while rows x the widest row's reach stays within a token budget. The prompt's
 opening (the template and conversation before the instruction, the same for many requests)
 is always prefilled apart from the rest, and its keys and values are kept for the next
 prompts that open the same way. Each step
