@@ -209,14 +209,15 @@ def load_test(run: str, n: int, clients: list[int], disconnects: int, max_tokens
 LONG_SENTENCE, LONG_REPEATS = "Tell me a spell about cheese. ", 260  # about 1,800 tokens
 
 
-def settled_mb(server: Server) -> float:
-    """Resident memory once the server has been idle a moment."""
-    time.sleep(2.0)
+def settled_mb(server: Server, settle_s: float) -> float:
+    """Resident memory once the server has been idle for `settle_s`."""
+    time.sleep(settle_s)
     return server.memory_mb()["rss_mb"]
 
 
 def mixed_memory(run: str, flags: list[str], max_tokens: int, timeout: float,
-                 file: str | None = None, repeats: int = LONG_REPEATS) -> dict[str, Any]:
+                 file: str | None = None, repeats: int = LONG_REPEATS, settle_s: float = 2.0
+                 ) -> dict[str, Any]:
     """The long prompt alone, then among short ones: peaks, and idle before and after."""
     deadline = time.monotonic() + timeout
     short, long = instructions(run, 47, file), LONG_SENTENCE * repeats
@@ -225,7 +226,7 @@ def mixed_memory(run: str, flags: list[str], max_tokens: int, timeout: float,
         server = Server(run, flags)
         try:
             ask(server, short[0], max_tokens, deadline)  # warm-up
-            results[name] = {"idle_before_mb": settled_mb(server), "rounds": []}
+            results[name] = {"idle_before_mb": settled_mb(server, settle_s), "rounds": []}
             for asked in rounds:
                 with ThreadPoolExecutor(len(asked)) as pool:
                     answers = list(pool.map(lambda q: ask(server, q, max_tokens, deadline),
@@ -233,7 +234,7 @@ def mixed_memory(run: str, flags: list[str], max_tokens: int, timeout: float,
                 results[name]["rounds"].append({
                     "clients": len(asked), "statuses": sorted({a["status"] for a in answers}),
                     "peak_mb": server.memory_mb()["peak_rss_mb"],
-                    "idle_after_mb": settled_mb(server)})
+                    "idle_after_mb": settled_mb(server, settle_s)})
         finally:
             server.stop()
     alone = results["alone"]["rounds"][0]["peak_mb"]

@@ -186,8 +186,7 @@ def test_every_command_has_help(command):
             assert name in proc.stdout
 
 
-@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
-def test_ctrl_c_stops_training_and_says_nothing_was_saved(tmp_path, tiny_base, stop):
+def test_ctrl_c_stops_training_and_says_nothing_was_saved(tmp_path, tiny_base):
     import signal
     import time
 
@@ -200,13 +199,40 @@ def test_ctrl_c_stops_training_and_says_nothing_was_saved(tmp_path, tiny_base, s
     first = proc.stdout.readline()  # "Training ..." is printed once the loop starts
     assert first.startswith("Training"), first + proc.stderr.read()
     time.sleep(1.0)
-    proc.send_signal(getattr(signal, stop))  # Ctrl-C, or `kill` and a container's stop
+    proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
     assert "Interrupted: runs/a is as it was before. Nothing was saved" in out
     assert "Traceback" not in err
     assert not (tmp_path / "runs" / "a").exists()
     assert not list((tmp_path / "runs").glob(".a.*"))  # staging folder removed
+
+
+def test_sigterm_ends_a_training_as_ctrl_c_does(tmp_path, tiny_base, monkeypatch, capsys):
+    """`kill` (or a container's stop) during a step: the step ends, no other begins, and
+    the folders and the lock are tidied as after Ctrl-C."""
+    import os
+    import signal
+
+    from instructlm.training.optimize import TrainStep
+
+    real, calls = TrainStep.__call__, []
+
+    def call(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(TrainStep, "__call__", call)
+    (tmp_path / "a.txt").write_text("a#b\nc#d\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    outside = signal.getsignal(signal.SIGTERM)
+    assert main(["train", "a.txt", "--base", str(tiny_base), "--epochs", "50", "--quiet"]) == 130
+    assert "Interrupted: runs/a is as it was before. Nothing was saved" in capsys.readouterr().out
+    assert len(calls) == 2
+    assert not (tmp_path / "runs" / "a").exists() and not list((tmp_path / "runs").glob(".a.*"))
+    assert signal.getsignal(signal.SIGTERM) is outside
 
 
 def test_bad_decoding_and_incomplete_model_folder(tmp_path, capsys):

@@ -297,7 +297,7 @@ def test_the_load_benchmark_runs_on_the_tiny_run(tiny_run):
     assert results["memory_end"]["peak_rss_mb"] >= results["memory_start"]["rss_mb"] > 0
     serve_load.print_table(results)
     mixed = serve_load.mixed_memory(str(tiny_run), ["--max-batch", "4"], max_tokens=4,
-                                    timeout=300, repeats=3)
+                                    timeout=300, repeats=3, settle_s=0.1)
     assert [r["statuses"] for r in mixed["mixed"]["rounds"]] == [[200], [200]]
     assert mixed["peak_over_alone"] > 0 and mixed["idle_after_over_before"] > 0
     serve_load.print_mixed(mixed)
