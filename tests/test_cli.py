@@ -227,12 +227,20 @@ def test_sigterm_ends_a_training_as_ctrl_c_does(tmp_path, tiny_base, monkeypatch
     monkeypatch.setattr(TrainStep, "__call__", call)
     (tmp_path / "a.txt").write_text("a#b\nc#d\n", encoding="utf-8")
     monkeypatch.chdir(tmp_path)
-    outside = signal.getsignal(signal.SIGTERM)
-    assert main(["train", "a.txt", "--base", str(tiny_base), "--epochs", "50", "--quiet"]) == 130
+
+    def outside(signum, frame):  # where train handles no SIGTERM, the test fails, not dies
+        raise AssertionError("SIGTERM was not handled by the training")
+
+    previous = signal.signal(signal.SIGTERM, outside)
+    try:
+        code = main(["train", "a.txt", "--base", str(tiny_base), "--epochs", "50", "--quiet"])
+        assert signal.getsignal(signal.SIGTERM) is outside
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == 130
     assert "Interrupted: runs/a is as it was before. Nothing was saved" in capsys.readouterr().out
     assert len(calls) == 2
     assert not (tmp_path / "runs" / "a").exists() and not list((tmp_path / "runs").glob(".a.*"))
-    assert signal.getsignal(signal.SIGTERM) is outside
 
 
 def test_bad_decoding_and_incomplete_model_folder(tmp_path, capsys):
