@@ -4,7 +4,7 @@
                                                   [--disconnects 100] [--max-tokens 64]
                                                   [--file FILE]
     .venv/bin/python benchmarks/serve_load.py RUN --mixed
-    .venv/bin/python benchmarks/serve_load.py RUN --burst 64 -- --max-queue 4
+    .venv/bin/python benchmarks/serve_load.py --burst 64 RUN -- --max-queue 4
 
 Starts `instructlm serve RUN` (extra flags after `--`), then sends the same `--requests`
 greedy chat requests (streamed, so that the first token's time is seen) with 1, 8, ...
