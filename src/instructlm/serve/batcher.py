@@ -176,10 +176,11 @@ class Batcher:
                         row.error = err
                         self._end(row, None)
                 batch = None
-            if batch is None and self.decoding:
-                _give_back_memory()  # the batch has emptied
+            emptied = batch is None and self.decoding > 0
             self.decoding = len(batch.rows) if batch else 0
             self._tell("batch", self.decoding)
+            if emptied:
+                _give_back_memory()
 
     def _take_ready(self, batch: "_Batch | None") -> list[Row]:
         """Rows to admit now, in their order, while the batch has a place and its cache stays
