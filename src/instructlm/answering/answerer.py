@@ -69,9 +69,8 @@ class Answerer:
     """A model, its tokenizer and the template it was taught with."""
 
     def __init__(self, model: Any, tokenizer: Any, template: Template, name: str) -> None:
-        from instructlm.model.weight_first import (
-            use_weight_first,  # imports torch: only once a model is here
-        )
+        # imports torch: only once a model is here
+        from instructlm.model.weight_first import use_weight_first
 
         self.model = use_weight_first(model.eval())
         self.tokenizer = tokenizer

@@ -18,6 +18,15 @@ from typing import Any, Iterator
 from instructlm.errors import InstructlmError
 from instructlm.model.architectures import architecture
 from instructlm.model.base import ADAPTER_CONFIG, load_model, load_tokenizer, resolve_base
+from instructlm.runs import (
+    DATA_FILE,
+    LOSS_FILE,
+    RUN_FILE,
+    is_run,
+    read_run_info,
+    staged_run,
+    write_json,
+)
 
 
 @dataclass(frozen=True)
@@ -84,8 +93,6 @@ def load_merged(run: str | Path, base_spec: str, trust_remote_code: bool = False
 def load_weights(source: str, trust_remote_code: bool = False, dtype: Any = None) -> Any:
     """A model folder or hub id as `base.load_model` loads it; a LoRA run as its base with
     the run's adapter merged (a run trained from a LoRA run, in turn, from its own)."""
-    from instructlm.runs import read_run_info
-
     if not is_adapter_run(source):
         return load_model(source, trust_remote_code, dtype)
     model = load_merged(source, read_run_info(source)["base"]["spec"], trust_remote_code)
@@ -104,16 +111,6 @@ def _quiet() -> Iterator[None]:
 
 def merge(run: str | Path, output: str | Path | None = None, force: bool = False) -> Path:
     """Write a LoRA run's merged model as a standalone run (default: RUN-merged)."""
-    from instructlm.runs import (
-        DATA_FILE,
-        LOSS_FILE,
-        RUN_FILE,
-        is_run,
-        read_run_info,
-        staged_run,
-        write_json,
-    )
-
     run = Path(run)
     if not is_run(run):
         raise InstructlmError(f"{run} is not a trained run")
